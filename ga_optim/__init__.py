@@ -1,0 +1,21 @@
+"""ga_optim: gradient agreement for meta-learning (Eshratifar, Eigen & Pedram, 2018).
+
+Users import from here and from ``ga_optim.adapters.*``; modules starting with ``_`` are
+private.
+"""
+
+from ._aggregator import AgreementDiagnostics, GradientAgreementAggregator
+from ._weightings import Agreement, Mean, NonNegativeAgreement, Weighting, agreement_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agreement",
+    "AgreementDiagnostics",
+    "GradientAgreementAggregator",
+    "Mean",
+    "NonNegativeAgreement",
+    "Weighting",
+    "__version__",
+    "agreement_weights",
+]

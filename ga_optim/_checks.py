@@ -1,0 +1,242 @@
+"""Input validation for per-task vectors and Gramians, and its messages.
+
+Every public entry point funnels its tensors through :func:`as_task_batch` or
+:func:`check_gramian` before any arithmetic happens, so a call that raises has
+not touched anything. Messages follow one template: the argument (with task and
+parameter index), what was expected, what was found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["TaskBatch", "as_task_batch", "check_gramian", "check_params", "locate_non_finite"]
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """Validated per-task vectors: ``tasks[i][p]`` is task ``i``'s tensor for parameter ``p``.
+
+    ``None`` entries stand for zeros. ``shapes``, ``dtypes`` and ``devices`` describe each
+    parameter (``None`` where no task and no reference parameter gives one).
+    """
+
+    tasks: list[list[Tensor | None]]
+    shapes: list[torch.Size | None]
+    dtypes: list[torch.dtype | None]
+    devices: list[torch.device | None]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def num_params(self) -> int:
+        return len(self.shapes)
+
+
+def _shape(shape: torch.Size) -> tuple[int, ...]:
+    return tuple(shape)
+
+
+def check_params(params: object, name: str = "params") -> list[Tensor]:
+    """Return ``params`` as a non-empty list of distinct floating-point tensors."""
+    if isinstance(params, Tensor):
+        raise TypeError(
+            f"`{name}` should be an iterable of tensors (e.g. model.parameters()). "
+            f"Found a single Tensor of shape {_shape(params.shape)}; wrap it in a list."
+        )
+    try:
+        result = list(params)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"`{name}` should be an iterable of tensors. Found `{type(params).__name__}`."
+        ) from None
+    if not result:
+        raise ValueError(f"`{name}` should hold at least one tensor. Found an empty iterable.")
+    seen: dict[int, int] = {}
+    for p, param in enumerate(result):
+        if not isinstance(param, Tensor):
+            raise TypeError(f"`{name}[{p}]` should be a Tensor. Found `{type(param).__name__}`.")
+        if not param.is_floating_point():
+            raise TypeError(
+                f"`{name}[{p}]` should have a floating-point dtype. Found {param.dtype}."
+            )
+        if id(param) in seen:
+            raise ValueError(f"`{name}[{p}]` is the same tensor as `{name}[{seen[id(param)]}]`.")
+        seen[id(param)] = p
+    return result
+
+
+def _split_flat(flat: Tensor, name: str, params: list[Tensor]) -> list[list[Tensor | None]]:
+    """Views of a [N, sum(numel)] matrix, one per task and parameter."""
+    numels = [param.numel() for param in params]
+    if flat.dim() != 2 or flat.shape[1] != sum(numels):
+        shapes = ", ".join(str(_shape(param.shape)) for param in params)
+        raise ValueError(
+            f"`{name}` is a tensor of shape {_shape(flat.shape)}; for the {len(params)} "
+            f"parameters ({shapes}) expected [N, *param.shape] for a single parameter or "
+            f"[N, {sum(numels)}] (flattened and concatenated)."
+        )
+    tasks: list[list[Tensor | None]] = []
+    for row in flat:
+        tasks.append(
+            [chunk.view(param.shape) for chunk, param in zip(row.split(numels), params)]
+        )
+    return tasks
+
+
+def _tensor_tasks(
+    task_vectors: Tensor, name: str, params: list[Tensor] | None
+) -> list[list[Tensor | None]]:
+    if task_vectors.dim() == 0 or task_vectors.shape[0] == 0:
+        raise ValueError(
+            f"`{name}` should be a tensor [N, ...] with N >= 1 tasks along dimension 0. "
+            f"Found shape {_shape(task_vectors.shape)}."
+        )
+    if params is None or (
+        len(params) == 1 and task_vectors.shape[1:] == params[0].shape
+    ):
+        return [[row] for row in task_vectors.unbind(0)]
+    return _split_flat(task_vectors, name, params)
+
+
+def _sequence_tasks(task_vectors: object, name: str) -> list[list[Tensor | None]]:
+    if isinstance(task_vectors, (str, bytes)) or not isinstance(task_vectors, Sequence):
+        raise TypeError(
+            f"`{name}` should be a tensor [N, ...] or a sequence of N per-task sequences of "
+            f"tensors. Found `{type(task_vectors).__name__}`."
+        )
+    if len(task_vectors) == 0:
+        raise ValueError(f"`{name}` should hold at least one task. Found an empty sequence.")
+    tasks: list[list[Tensor | None]] = []
+    for i, task in enumerate(task_vectors):
+        if isinstance(task, Tensor):
+            raise TypeError(
+                f"`{name}[{i}]` should be a sequence of per-parameter tensors. Found a Tensor of "
+                f"shape {_shape(task.shape)}; wrap it in a list, or pass one stacked tensor "
+                f"[N, ...] as `{name}`."
+            )
+        if isinstance(task, (str, bytes)) or not isinstance(task, Sequence):
+            raise TypeError(
+                f"`{name}[{i}]` should be a sequence of per-parameter tensors. "
+                f"Found `{type(task).__name__}`."
+            )
+        tasks.append(list(task))
+    return tasks
+
+
+def as_task_batch(
+    task_vectors: object, name: str = "task_vectors", params: list[Tensor] | None = None
+) -> TaskBatch:
+    """Validate per-task vectors and return them as a :class:`TaskBatch`.
+
+    Accepts a tensor ``[N, ...]`` (one parameter; or ``[N, sum(numel)]`` when ``params``
+    has several) or a sequence of ``N`` sequences of tensors (``None`` counts as zeros).
+    Checks types, counts, shapes, dtypes and devices; values are checked later, for free,
+    from the results (see :func:`locate_non_finite`).
+    """
+    if isinstance(task_vectors, Tensor):
+        tasks = _tensor_tasks(task_vectors, name, params)
+    else:
+        tasks = _sequence_tasks(task_vectors, name)
+
+    num_params = len(params) if params is not None else len(tasks[0])
+    for i, task in enumerate(tasks):
+        if len(task) != num_params:
+            expected = (
+                f"one per parameter ({num_params})"
+                if params is not None
+                else f"as many as task 0 ({num_params})"
+            )
+            raise ValueError(f"`{name}[{i}]` holds {len(task)} tensors; expected {expected}.")
+    if num_params == 0:
+        raise ValueError(f"`{name}[0]` should hold at least one tensor. Found an empty sequence.")
+
+    shapes: list[torch.Size | None] = []
+    dtypes: list[torch.dtype | None] = []
+    devices: list[torch.device | None] = []
+    for p in range(num_params):
+        # Shapes and devices must match the parameter (or, without one, the first task that
+        # has this parameter); dtypes must agree across tasks but may differ from the
+        # parameter's (e.g. fp16 gradients of fp32 weights).
+        first: Tensor | None = None
+        first_what = ""
+        for i, task in enumerate(tasks):
+            vector = task[p]
+            if vector is None:
+                continue
+            where = f"`{name}[{i}][{p}]`"
+            if not isinstance(vector, Tensor):
+                raise TypeError(
+                    f"{where} should be a Tensor or None. Found `{type(vector).__name__}`."
+                )
+            if not vector.is_floating_point():
+                raise TypeError(
+                    f"{where} should have a floating-point dtype. Found {vector.dtype}."
+                )
+            if first is None:
+                first, first_what = vector, f"task {i} has"
+            ref, ref_what = (params[p], f"parameter {p} has") if params else (first, first_what)
+            if vector.shape != ref.shape:
+                raise ValueError(
+                    f"{where} has shape {_shape(vector.shape)}; {ref_what} "
+                    f"{_shape(ref.shape)} for the same parameter."
+                )
+            if vector.device != ref.device:
+                raise ValueError(
+                    f"{where} is on device {vector.device}; {ref_what} {ref.device} "
+                    "for the same parameter."
+                )
+            if vector.dtype != first.dtype:
+                raise TypeError(
+                    f"{where} has dtype {vector.dtype}; {first_what} {first.dtype} "
+                    "for the same parameter."
+                )
+        shape_ref = params[p] if params else first
+        shapes.append(None if shape_ref is None else shape_ref.shape)
+        dtypes.append(None if first is None else first.dtype)
+        devices.append(None if shape_ref is None else shape_ref.device)
+    return TaskBatch(tasks=tasks, shapes=shapes, dtypes=dtypes, devices=devices)
+
+
+def check_gramian(gramian: object, name: str = "gramian") -> Tensor:
+    """Return ``gramian`` if it is a finite floating-point ``[N, N]`` tensor with N >= 1."""
+    if not isinstance(gramian, Tensor):
+        raise TypeError(f"`{name}` should be a Tensor [N, N]. Found `{type(gramian).__name__}`.")
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
+        raise ValueError(
+            f"`{name}` should be a square matrix [N, N] with N >= 1. "
+            f"Found shape {_shape(gramian.shape)}."
+        )
+    if not gramian.is_floating_point():
+        raise TypeError(f"`{name}` should have a floating-point dtype. Found {gramian.dtype}.")
+    bad = (~torch.isfinite(gramian)).nonzero()
+    if bad.numel():
+        i, j = bad[0].tolist()
+        raise ValueError(
+            f"`{name}` should be finite. Found {gramian[i, j].item()} at [{i}, {j}]."
+        )
+    return gramian
+
+
+def locate_non_finite(batch: TaskBatch, name: str = "task_vectors") -> None:
+    """Raise a ValueError naming the first non-finite entry of ``batch``, if any.
+
+    The slow path: callers run it only once a result came out non-finite.
+    """
+    for i, task in enumerate(batch.tasks):
+        for p, vector in enumerate(task):
+            if vector is None:
+                continue
+            bad = (~torch.isfinite(vector)).nonzero()
+            if bad.numel():
+                index = tuple(bad[0].tolist())
+                value = vector[index].item()
+                raise ValueError(
+                    f"`{name}[{i}][{p}]` should be finite. Found {value} at index {index}."
+                )

@@ -165,10 +165,9 @@ class GradientAgreementAggregator:
         if agreement_vectors is not None and gramian is not None:
             raise TypeError("Pass at most one of `agreement_vectors` and `gramian`.")
         batch = self._batch(task_vectors, "task_vectors")
-        measured, measured_name = batch, "task_vectors"
+        measured = batch
         if agreement_vectors is not None:
             measured = self._batch(agreement_vectors, "agreement_vectors")
-            measured_name = "agreement_vectors"
             if measured.num_tasks != batch.num_tasks:
                 raise ValueError(
                     f"`agreement_vectors` holds {measured.num_tasks} tasks; `task_vectors` "
@@ -176,7 +175,7 @@ class GradientAgreementAggregator:
                 )
         weights = self._weights_of(measured, gramian)
         if not bool(torch.isfinite(weights).all()):
-            locate_non_finite(measured, measured_name)
+            locate_non_finite(measured)
         foreach = default_foreach(batch) if self.foreach is None else self.foreach
         combined = weighted_sum(batch, weights.tolist(), foreach=foreach, out_dtype=True)
         result = [
@@ -187,7 +186,7 @@ class GradientAgreementAggregator:
         if not bool(torch.isfinite(magnitudes).all()):
             locate_non_finite(batch)
             if measured is not batch:
-                locate_non_finite(measured, measured_name)
+                locate_non_finite(measured)
             raise ValueError(
                 "The weighted sum of `task_vectors` overflowed its dtype "
                 f"({batch.dtypes}); rescale the vectors or use a wider dtype."

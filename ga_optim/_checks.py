@@ -21,11 +21,13 @@ __all__ = ["TaskBatch", "as_task_batch", "check_gramian", "check_params", "locat
 class TaskBatch:
     """Validated per-task vectors: ``tasks[i][p]`` is task ``i``'s tensor for parameter ``p``.
 
-    ``None`` entries stand for zeros. ``shapes``, ``dtypes`` and ``devices`` describe each
+    ``None`` entries stand for zeros; ``name`` is the argument they came from, for messages.
+    ``shapes``, ``dtypes`` and ``devices`` describe each
     parameter (``None`` where no task and no reference parameter gives one).
     """
 
     tasks: list[list[Tensor | None]]
+    name: str
     shapes: list[torch.Size | None]
     dtypes: list[torch.dtype | None]
     devices: list[torch.device | None]
@@ -201,7 +203,7 @@ def as_task_batch(
         shapes.append(None if shape_ref is None else shape_ref.shape)
         dtypes.append(None if first is None else first.dtype)
         devices.append(None if shape_ref is None else shape_ref.device)
-    return TaskBatch(tasks=tasks, shapes=shapes, dtypes=dtypes, devices=devices)
+    return TaskBatch(tasks=tasks, name=name, shapes=shapes, dtypes=dtypes, devices=devices)
 
 
 def check_gramian(gramian: object, name: str = "gramian") -> Tensor:
@@ -224,7 +226,7 @@ def check_gramian(gramian: object, name: str = "gramian") -> Tensor:
     return gramian
 
 
-def locate_non_finite(batch: TaskBatch, name: str = "task_vectors") -> None:
+def locate_non_finite(batch: TaskBatch) -> None:
     """Raise a ValueError naming the first non-finite entry of ``batch``, if any.
 
     The slow path: callers run it only once a result came out non-finite.
@@ -238,5 +240,5 @@ def locate_non_finite(batch: TaskBatch, name: str = "task_vectors") -> None:
                 index = tuple(bad[0].tolist())
                 value = vector[index].item()
                 raise ValueError(
-                    f"`{name}[{i}][{p}]` should be finite. Found {value} at index {index}."
+                    f"`{batch.name}[{i}][{p}]` should be finite. Found {value} at index {index}."
                 )

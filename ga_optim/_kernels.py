@@ -97,23 +97,24 @@ def weighted_sum(
     return out
 
 
-def _flat(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t.reshape(-1).to(dtype)
+def _flat(t: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+    flat = t.reshape(-1).to(dtype)
+    return flat if scale == 1.0 else flat * scale
 
 
 def dots_with(
-    batch: TaskBatch, others: Sequence[Tensor | None], dtype: torch.dtype
+    batch: TaskBatch, others: Sequence[Tensor | None], dtype: torch.dtype, scale: float = 1.0
 ) -> Tensor:
-    """``r_i = Σ_p tasks[i][p] · others[p]`` in ``dtype``, as a tensor of shape ``[N]``.
+    """``r_i = Σ_p (scale · tasks[i][p]) · others[p]`` in ``dtype``, shape ``[N]``.
 
     One BLAS dot per task and parameter, no temporary beyond an upcast of the task tensor
-    for half-precision inputs.
+    for half-precision inputs (or a scaled copy when ``scale != 1``).
     """
     device = next(t.device for t in others if t is not None)
     rows: list[Tensor] = []
     for task in batch.tasks:
         terms = [
-            torch.dot(_flat(vector, dtype), _flat(other, dtype))
+            torch.dot(_flat(vector, dtype, scale), _flat(other, dtype))
             for vector, other in zip(task, others)
             if vector is not None and other is not None
         ]

@@ -23,7 +23,9 @@ class Weighting(ABC):
     """Base class: weights ``[N]`` from per-task vectors or their Gramian ``G = J Jᵀ``.
 
     Subclasses implement :meth:`from_gramian`. The default path from vectors builds the
-    full Gramian (O(N²·P)); weightings that need less override :meth:`_from_batch`.
+    full Gramian (O(N²·P)) in float64 — exact in range for fp32/fp16/bf16 vectors, whose
+    squares float64 holds — and returns the weights in the vectors' accumulation dtype;
+    weightings that need less override :meth:`_from_batch`.
     """
 
     def weights(
@@ -48,10 +50,10 @@ class Weighting(ABC):
         """Weights ``[N]`` from a validated Gramian ``[N, N]``."""
 
     def _from_batch(self, batch: TaskBatch, *, foreach: bool | None) -> Tensor:
-        matrix = gramian(batch)
+        matrix = gramian(batch, torch.float64)
         if not bool(torch.isfinite(matrix).all()):
             locate_non_finite(batch)
-        return self.from_gramian(matrix)
+        return self.from_gramian(matrix).to(uniform_weights(batch).dtype)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

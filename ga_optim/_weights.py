@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,11 +31,18 @@ def uniform_weights(batch: TaskBatch) -> Tensor:
     return torch.full((n,), 1.0 / n, dtype=dtype, device=device)
 
 
-def _max_abs(batch: TaskBatch) -> float:
+def _unit_scale(batch: TaskBatch) -> float:
+    """A power of two ``c`` with ``c·max|g| ∈ [0.5, 1)``, or 0 for all-zero vectors.
+
+    A power of two scales exactly, so sums that cancel exactly still do.
+    """
     present = [t for task in batch.tasks for t in task if t is not None and t.numel()]
-    if not present:
+    largest = max((float(t.abs().max()) for t in present), default=0.0)
+    if largest == 0.0:
         return 0.0
-    return max(float(t.abs().max()) for t in present)
+    # Capped at 2**1000 so that subnormal magnitudes (float64 below 2**-1022) stay in range:
+    # scaled, they are still >= 2**-74, whose squares float64 holds.
+    return math.ldexp(1.0, min(-math.frexp(largest)[1], 1000))
 
 
 def agreement_scores(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor:
@@ -41,9 +50,9 @@ def agreement_scores(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor
 
     Two passes over the vectors (the task sum, then one dot per task and parameter) in at
     least float32. If that overflows or underflows (e.g. fp32 vectors near 1e19, or near
-    1e-20), the scores are recomputed in float64 on the vectors divided by their largest
-    magnitude, which leaves the weights unchanged; ``r`` is then scaled by that factor
-    squared. Non-finite inputs raise ``ValueError`` naming the task and parameter.
+    1e-20), the scores are recomputed in float64 on the vectors scaled by a power of two
+    that brings their largest magnitude near 1, which leaves the weights unchanged; ``r``
+    is then that factor squared times the true scores. Non-finite inputs raise ``ValueError`` naming the task and parameter.
     """
     dtype, _ = _batch_dtype_device(batch)
     scores = _scores(batch, 1.0, dtype, foreach)
@@ -52,18 +61,17 @@ def agreement_scores(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor
         return scores
     if not finite:
         locate_non_finite(batch)  # raises if an input is non-finite
-    largest = _max_abs(batch)
-    if largest == 0.0:
+    scale = _unit_scale(batch)
+    if scale == 0.0:
         return torch.zeros_like(scores)
-    return _scores(batch, 1.0 / largest, torch.float64, foreach).to(dtype)
+    return _scores(batch, scale, torch.float64, foreach).to(dtype)
 
 
 def _scores(batch: TaskBatch, scale: float, dtype: torch.dtype, foreach: bool | None) -> Tensor:
     """``scale² · g_i·Σ_j g_j`` accumulated in ``dtype``."""
     use_foreach = default_foreach(batch) if foreach is None else foreach
     total = weighted_sum(batch, [scale] * batch.num_tasks, foreach=use_foreach, acc_dtype=dtype)
-    scores = dots_with(batch, total, dtype)
-    return scores if scale == 1.0 else scores * scale
+    return dots_with(batch, total, dtype, scale)
 
 
 def signed_normalize(scores: Tensor) -> Tensor:
@@ -86,10 +94,9 @@ def task_cosines(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor:
     pass is the task norms.
     """
     _, device = _batch_dtype_device(batch)
-    largest = _max_abs(batch)
-    if largest == 0.0:
+    scale = _unit_scale(batch)
+    if scale == 0.0:
         return torch.zeros(batch.num_tasks, dtype=torch.float64, device=device)
-    scale = 1.0 / largest
     scores = _scores(batch, scale, torch.float64, foreach)
     norms = torch.stack(
         [

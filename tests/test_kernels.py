@@ -1,0 +1,55 @@
+"""The per-parameter kernels: foreach and per-tensor paths agree; accumulation dtypes."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ga_optim._checks import as_task_batch
+from ga_optim._kernels import accumulation_dtype, dots_with, gramian, weighted_sum
+from ga_optim.testing import reference_gramian, task_batches
+
+
+@given(task_batches(scales=(1.0, 1e6)), st.data())
+def test_weighted_sum_foreach_equals_per_tensor(batch: list[list[torch.Tensor]], data: st.DataObject) -> None:
+    coeffs = data.draw(st.lists(st.floats(-3, 3), min_size=len(batch), max_size=len(batch)))
+    checked = as_task_batch(batch)
+    fast = weighted_sum(checked, coeffs, foreach=True)
+    slow = weighted_sum(checked, coeffs, foreach=False)
+    for p, (a, b) in enumerate(zip(fast, slow)):
+        expected = sum(c * task[p] for c, task in zip(coeffs, batch))
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(abs(expected).max() + 1))
+        torch.testing.assert_close(a, torch.as_tensor(expected), rtol=1e-9, atol=1e-9 * float(abs(expected).max() + 1))
+
+
+def test_weighted_sum_skips_none_and_keeps_missing_parameters_none() -> None:
+    a = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    checked = as_task_batch([[None, a, None], [a, None, None], [2 * a, a, None]])
+    for foreach in (True, False):
+        out = weighted_sum(checked, [1.0, 10.0, 100.0], foreach=foreach)
+        assert out[2] is None
+        torch.testing.assert_close(out[0], 210 * a)
+        torch.testing.assert_close(out[1], 101 * a)
+
+
+def test_half_inputs_accumulate_in_float32() -> None:
+    assert accumulation_dtype(torch.float16) == torch.float32
+    assert accumulation_dtype(torch.bfloat16) == torch.float32
+    assert accumulation_dtype(torch.float64) == torch.float64
+    vectors = torch.full((3, 1000), 100.0, dtype=torch.float16)
+    checked = as_task_batch(vectors)
+    total = weighted_sum(checked, [1.0, 1.0, 1.0], foreach=True)
+    assert total[0] is not None and total[0].dtype == torch.float32
+    dots = dots_with(checked, total, torch.float32)
+    assert dots.tolist() == [3e7] * 3  # 100 · 300 · 1000, far beyond fp16's 65504
+    back = weighted_sum(checked, [1 / 3] * 3, foreach=True, out_dtype=True)
+    assert back[0] is not None and back[0].dtype == torch.float16
+
+
+@given(task_batches())
+def test_gramian_kernel_matches_reference(batch: list[list[torch.Tensor]]) -> None:
+    got = gramian(as_task_batch(batch))
+    expected = reference_gramian(batch)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max() + 1e-300))

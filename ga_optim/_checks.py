@@ -9,7 +9,7 @@ parameter index), what was expected, what was found.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -31,6 +31,8 @@ class TaskBatch:
     shapes: list[torch.Size | None]
     dtypes: list[torch.dtype | None]
     devices: list[torch.device | None]
+    #: Scratch space for the kernels (packed small parameters, the plan), per call.
+    cache: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_tasks(self) -> int:

@@ -50,14 +50,16 @@ def agreement_scores(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor
 
     Two passes over the vectors (the task sum, then one dot per task and parameter) in at
     least float32. If that overflows or underflows (e.g. fp32 vectors near 1e19, or near
-    1e-20), the scores are recomputed in float64 on the vectors scaled by a power of two
+    1e-20: scores below ``tiny/eps`` of their dtype, where subnormal products lose digits), the scores are recomputed in float64 on the vectors scaled by a power of two
     that brings their largest magnitude near 1, which leaves the weights unchanged; ``r``
     is then that factor squared times the true scores. Non-finite inputs raise ``ValueError`` naming the task and parameter.
     """
     dtype, _ = _batch_dtype_device(batch)
     scores = _scores(batch, 1.0, dtype, foreach)
     finite = bool(torch.isfinite(scores).all())
-    if finite and bool(scores.abs().sum() > 0):
+    info = torch.finfo(dtype)
+    # Below tiny/eps the dots may have lost precision to subnormal products: rescale.
+    if finite and bool(scores.abs().max() >= info.tiny / info.eps):
         return scores
     if not finite:
         locate_non_finite(batch)  # raises if an input is non-finite
@@ -71,7 +73,7 @@ def _scores(batch: TaskBatch, scale: float, dtype: torch.dtype, foreach: bool | 
     """``scale² · g_i·Σ_j g_j`` accumulated in ``dtype``."""
     use_foreach = default_foreach(batch) if foreach is None else foreach
     total = weighted_sum(batch, [scale] * batch.num_tasks, foreach=use_foreach, acc_dtype=dtype)
-    return dots_with(batch, total, dtype, scale)
+    return dots_with(batch, total, dtype, scale, foreach=use_foreach)
 
 
 def signed_normalize(scores: Tensor) -> Tensor:

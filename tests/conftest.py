@@ -20,7 +20,13 @@ settings.register_profile(
 settings.register_profile(
     "dev", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
+settings.register_profile(
+    "stress", max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck)
+)
+# HYPOTHESIS_PROFILE=stress for a long local search; CI runs the derandomized profile.
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+)
 
 
 def require(module: str, install: str) -> ModuleType:

@@ -76,17 +76,22 @@ def pairwise(tasks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return out
 
 
-def timeit(fn: Callable[[], object], repeats: int, device: str) -> float:
+def timeit(
+    fn: Callable[[list[list[torch.Tensor]]], object],
+    tasks: list[list[torch.Tensor]],
+    repeats: int,
+    device: str,
+) -> float:
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    fn()
+    fn(tasks)
     sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        fn(tasks)
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
@@ -124,8 +129,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-pairwise-above", type=float, default=float("inf"),
-                        help="skip the (slow) pairwise reference for P above this")
+    parser.add_argument(
+        "--no-pairwise-above",
+        type=float,
+        default=float("inf"),
+        help="skip the (slow) pairwise reference for P above this",
+    )
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -136,10 +145,14 @@ def main() -> None:
     ns = (5, 10, 32)
     ps = (1_000, 10_000) if args.quick else (10_000, 1_000_000, 10_000_000)
     repeats = 2 if args.quick else args.repeats
-    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, device {args.device}")
-    header = ("| N | P | mean ms | agreement ms | per-tensor ms | stacked ms | pairwise ms "
-              "| agreement/mean | stacked/mean | pairwise/agreement | extra memory (P-buffers) |")
+    print(
+        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, device {args.device}"
+    )
+    header = (
+        "| N | P | mean ms | agreement ms | per-tensor ms | stacked ms | pairwise ms "
+        "| agreement/mean | stacked/mean | pairwise/agreement | extra memory (P-buffers) |"
+    )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     rows = []
@@ -149,35 +162,46 @@ def main() -> None:
             agreement = GradientAgreementAggregator(params)
             per_tensor = GradientAgreementAggregator(params, foreach=False)
             mean = GradientAgreementAggregator(params, weighting=Mean())
-            t_mean = timeit(lambda: mean.aggregate(tasks), repeats, args.device)
-            t_agree = timeit(lambda: agreement.aggregate(tasks), repeats, args.device)
-            t_loop = timeit(lambda: per_tensor.aggregate(tasks), repeats, args.device)
-            t_stack = timeit(lambda: stacked(tasks), repeats, args.device)
+            t_mean = timeit(mean.aggregate, tasks, repeats, args.device)
+            t_agree = timeit(agreement.aggregate, tasks, repeats, args.device)
+            t_loop = timeit(per_tensor.aggregate, tasks, repeats, args.device)
+            t_stack = timeit(stacked, tasks, repeats, args.device)
             t_pair = (
-                timeit(lambda: pairwise(tasks), max(1, repeats // 2), args.device)
+                timeit(pairwise, tasks, max(1, repeats // 2), args.device)
                 if p <= args.no_pairwise_above
                 else float("nan")
             )
             memory = peak_memory(n, p, "agreement") if args.device == "cpu" else float("nan")
             row = {
-                "N": n, "P": p, "mean_ms": t_mean, "agreement_ms": t_agree,
-                "per_tensor_ms": t_loop, "stacked_ms": t_stack, "pairwise_ms": t_pair,
-                "agreement_over_mean": t_agree / t_mean, "stacked_over_mean": t_stack / t_mean,
-                "pairwise_over_agreement": t_pair / t_agree, "extra_memory_buffers": memory,
+                "N": n,
+                "P": p,
+                "mean_ms": t_mean,
+                "agreement_ms": t_agree,
+                "per_tensor_ms": t_loop,
+                "stacked_ms": t_stack,
+                "pairwise_ms": t_pair,
+                "agreement_over_mean": t_agree / t_mean,
+                "stacked_over_mean": t_stack / t_mean,
+                "pairwise_over_agreement": t_pair / t_agree,
+                "extra_memory_buffers": memory,
             }
             rows.append(row)
-            print(f"| {n} | {p:.0e} | {t_mean:.2f} | {t_agree:.2f} | {t_loop:.2f} | {t_stack:.2f} "
-                  f"| {t_pair:.1f} | {row['agreement_over_mean']:.2f} | "
-                  f"{row['stacked_over_mean']:.2f} | {row['pairwise_over_agreement']:.1f} "
-                  f"| {memory:.2f} |", flush=True)
-            del params, tasks, agreement, per_tensor, mean
+            print(
+                f"| {n} | {p:.0e} | {t_mean:.2f} | {t_agree:.2f} | {t_loop:.2f} | {t_stack:.2f} "
+                f"| {t_pair:.1f} | {row['agreement_over_mean']:.2f} | "
+                f"{row['stacked_over_mean']:.2f} | {row['pairwise_over_agreement']:.1f} "
+                f"| {memory:.2f} |",
+                flush=True,
+            )
     target = [r for r in rows if r["N"] == 32 and r["P"] == max(ps)]
     if target:
         r = target[0]
-        print(f"\nAt N=32, P={max(ps):.0e}: agreement/mean = {r['agreement_over_mean']:.2f} "
-              f"(target <= 3.5), pairwise/agreement = {r['pairwise_over_agreement']:.1f} "
-              f"(target >= 10), extra memory = {r['extra_memory_buffers']:.2f} P-buffers "
-              "(target <= 2: the output plus one)")
+        print(
+            f"\nAt N=32, P={max(ps):.0e}: agreement/mean = {r['agreement_over_mean']:.2f} "
+            f"(target <= 3.5), pairwise/agreement = {r['pairwise_over_agreement']:.1f} "
+            f"(target >= 10), extra memory = {r['extra_memory_buffers']:.2f} P-buffers "
+            "(target <= 2: the output plus one)"
+        )
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ class Config:
 # -- tasks and the batched MLP -------------------------------------------------------------
 
 
-def sample_tasks(n: int, points: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def sample_tasks(
+    n: int, points: int, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Amplitudes, phases, inputs [n, points, 1] and targets [n, points, 1]."""
     amplitude = torch.empty(n, 1, 1).uniform_(0.1, 5.0, generator=gen)
     phase = torch.empty(n, 1, 1).uniform_(0.0, 2 * math.pi, generator=gen)
@@ -82,7 +84,9 @@ def forward(params: list[Tensor], x: Tensor) -> Tensor:
     return torch.baddbmm(b3, h, w3)
 
 
-def adapt(params: list[Tensor], x: Tensor, y: Tensor, steps: int, lr: float, batch: int | None) -> list[Tensor]:
+def adapt(
+    params: list[Tensor], x: Tensor, y: Tensor, steps: int, lr: float, batch: int | None
+) -> list[Tensor]:
     """SGD on each task's own copy of the weights; one step per minibatch (cycled)."""
     fast = [p.detach().clone().requires_grad_() for p in params]
     points = x.shape[1]
@@ -104,7 +108,9 @@ def adapt(params: list[Tensor], x: Tensor, y: Tensor, steps: int, lr: float, bat
 # -- training and evaluation ---------------------------------------------------------------
 
 
-def train(weighting: str, seed: int, cfg: Config, progress: bool = True) -> tuple[list[Tensor], dict[str, list[float]]]:
+def train(
+    weighting: str, seed: int, cfg: Config, progress: bool = True
+) -> tuple[list[Tensor], dict[str, list[float]]]:
     """Reptile with the given weighting; returns θ and the weight statistics over training."""
     gen = torch.Generator().manual_seed(seed)
     theta = [p.requires_grad_() for p in init_mlp(gen)]
@@ -168,9 +174,13 @@ def _progress(total: int, desc: str):  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    parser = argparse.ArgumentParser(description="Reptile vs agreement-weighted Reptile on sine tasks.")
+    parser = argparse.ArgumentParser(
+        description="Reptile vs agreement-weighted Reptile on sine tasks."
+    )
     parser.add_argument("--out", type=Path, default=Path("results/sine"))
-    parser.add_argument("--weightings", nargs="+", default=["mean", "agreement"], choices=sorted(WEIGHTINGS))
+    parser.add_argument(
+        "--weightings", nargs="+", default=["mean", "agreement"], choices=sorted(WEIGHTINGS)
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, default=Config.iterations)
     parser.add_argument("--meta-batch", type=int, default=Config.meta_batch)
@@ -181,7 +191,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     torch.set_num_threads(args.threads)
     cfg = Config(iterations=args.iterations, meta_batch=args.meta_batch, outer_lr=args.outer_lr)
     if args.quick:
-        cfg = Config(iterations=60, meta_batch=args.meta_batch, outer_lr=args.outer_lr, eval_tasks=50)
+        cfg = Config(
+            iterations=60, meta_batch=args.meta_batch, outer_lr=args.outer_lr, eval_tasks=50
+        )
         args.seeds = args.seeds[:2]
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -216,7 +228,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for weighting, run in runs.items():
         mean_mse, ci = run["mean_mse"], run["ci95_over_seeds"]  # type: ignore[index]
         cells = [f"{mean_mse[str(s)]:.3f} ± {ci[str(s)]:.3f}" for s in cfg.eval_steps]  # type: ignore[index]
-        lines.append(f"| {weighting} | {' | '.join(cells)} | {len(args.seeds)} | {run['seconds']:.0f} |")  # type: ignore[index]
+        lines.append(
+            f"| {weighting} | {' | '.join(cells)} | {len(args.seeds)} | {run['seconds']:.0f} |"
+        )  # type: ignore[index]
     table = "\n".join(lines)
     print(table)
     (args.out / "table.md").write_text(table + "\n")

@@ -42,9 +42,11 @@ class GradientAgreementAggregator:
 
     .. math::
 
-        \text{Reptile (line 10):}\quad \theta \leftarrow \theta + \alpha \sum_i w_i (\theta_i - \theta)
+        \text{Reptile (line 10):}\quad
+        \theta \leftarrow \theta + \alpha \sum_i w_i (\theta_i - \theta)
         \qquad
-        \text{MAML (line 9):}\quad \theta \leftarrow \theta - \alpha \sum_i w_i \nabla L_i(\theta_i)
+        \text{MAML (line 9):}\quad
+        \theta \leftarrow \theta - \alpha \sum_i w_i \nabla L_i(\theta_i)
 
     with :math:`w` from ``weighting`` (default :class:`~ga_optim.Agreement`, Eq. 13). The
     aggregate :math:`\sum_i w_i v_i` is written into each parameter's ``.grad`` and

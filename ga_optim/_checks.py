@@ -55,7 +55,7 @@ def check_params(params: object, name: str = "params") -> list[Tensor]:
             f"Found a single Tensor of shape {_shape(params.shape)}; wrap it in a list."
         )
     try:
-        result = list(params)  # type: ignore[call-overload]
+        result: list[Tensor] = list(params)  # type: ignore[call-overload]
     except TypeError:
         raise TypeError(
             f"`{name}` should be an iterable of tensors. Found `{type(params).__name__}`."
@@ -88,9 +88,7 @@ def _split_flat(flat: Tensor, name: str, params: list[Tensor]) -> list[list[Tens
         )
     tasks: list[list[Tensor | None]] = []
     for row in flat:
-        tasks.append(
-            [chunk.view(param.shape) for chunk, param in zip(row.split(numels), params)]
-        )
+        tasks.append([chunk.view(param.shape) for chunk, param in zip(row.split(numels), params)])
     return tasks
 
 
@@ -102,9 +100,7 @@ def _tensor_tasks(
             f"`{name}` should be a tensor [N, ...] with N >= 1 tasks along dimension 0. "
             f"Found shape {_shape(task_vectors.shape)}."
         )
-    if params is None or (
-        len(params) == 1 and task_vectors.shape[1:] == params[0].shape
-    ):
+    if params is None or (len(params) == 1 and task_vectors.shape[1:] == params[0].shape):
         return [[row] for row in task_vectors.unbind(0)]
     return _split_flat(task_vectors, name, params)
 
@@ -222,9 +218,7 @@ def check_gramian(gramian: object, name: str = "gramian") -> Tensor:
     bad = (~torch.isfinite(gramian)).nonzero()
     if bad.numel():
         i, j = bad[0].tolist()
-        raise ValueError(
-            f"`{name}` should be finite. Found {gramian[i, j].item()} at [{i}, {j}]."
-        )
+        raise ValueError(f"`{name}` should be finite. Found {gramian[i, j].item()} at [{i}, {j}].")
     return gramian
 
 

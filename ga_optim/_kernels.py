@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -65,7 +66,7 @@ class _Plan:
 def _plan(batch: TaskBatch, foreach: bool) -> _Plan:
     key = ("plan", foreach)
     if key in batch.cache:
-        return batch.cache[key]  # type: ignore[no-any-return]
+        return cast(_Plan, batch.cache[key])
     firsts = [
         next((i for i, task in enumerate(batch.tasks) if task[p] is not None), None)
         for p in range(batch.num_params)
@@ -75,22 +76,26 @@ def _plan(batch: TaskBatch, foreach: bool) -> _Plan:
     singles = present
     if foreach:
         n = batch.num_tasks
+        numels = _numels(batch)
         groups: dict[tuple[torch.dtype | None, torch.device | None], list[list[int]]] = {}
         singles = []
         for p in present:
-            numel = batch.shapes[p].numel()  # type: ignore[union-attr]
-            if numel > SMALL_NUMEL or n * numel > PACK_ELEMENTS:
+            if numels[p] > SMALL_NUMEL or n * numels[p] > PACK_ELEMENTS:
                 singles.append(p)
                 continue
             group = groups.setdefault((batch.dtypes[p], batch.devices[p]), [[]])
-            used = sum(batch.shapes[q].numel() for q in group[-1])  # type: ignore[union-attr]
-            if n * (used + numel) > PACK_ELEMENTS:
+            used = sum(numels[q] for q in group[-1])
+            if n * (used + numels[p]) > PACK_ELEMENTS:
                 group.append([])
             group[-1].append(p)
         packs = [pack for group in groups.values() for pack in group]
     plan = _Plan(packs=packs, singles=singles, firsts=firsts)
     batch.cache[key] = plan
     return plan
+
+
+def _numels(batch: TaskBatch) -> list[int]:
+    return [0 if shape is None else shape.numel() for shape in batch.shapes]
 
 
 def _packed(batch: TaskBatch, pack: list[int], dtype: torch.dtype, cache: bool = True) -> Tensor:
@@ -102,24 +107,22 @@ def _packed(batch: TaskBatch, pack: list[int], dtype: torch.dtype, cache: bool =
     if key not in batch.cache:
         columns = []
         for p in pack:
-            shape = batch.shapes[p]
-            assert shape is not None
-            reference = next(t[p] for t in batch.tasks if t[p] is not None)
-            rows = [reference.new_zeros(shape) if t[p] is None else t[p] for t in batch.tasks]
-            columns.append(torch.stack(rows).reshape(batch.num_tasks, -1).to(dtype))  # type: ignore[misc]
+            present = [t for task in batch.tasks if (t := task[p]) is not None]
+            zeros = present[0].new_zeros(present[0].shape) if present else None
+            rows = [zeros if t[p] is None else t[p] for t in batch.tasks]
+            matrix = torch.stack(cast(list[Tensor], rows))
+            columns.append(matrix.reshape(batch.num_tasks, -1).to(dtype))
         matrix = columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
         if not cache:
             return matrix
         batch.cache[key] = matrix
-    return batch.cache[key]  # type: ignore[no-any-return]
+    return cast(Tensor, batch.cache[key])
 
 
 def _unpack(batch: TaskBatch, pack: list[int], flat: Tensor) -> list[Tensor]:
-    sizes = [batch.shapes[p].numel() for p in pack]  # type: ignore[union-attr]
-    return [
-        chunk.view(batch.shapes[p])  # type: ignore[arg-type]
-        for p, chunk in zip(pack, flat.split(sizes))
-    ]
+    numels = _numels(batch)
+    chunks = torch.split(flat, [numels[p] for p in pack])
+    return [chunk.view(cast(torch.Size, batch.shapes[p])) for p, chunk in zip(pack, chunks)]
 
 
 def weighted_sum(

@@ -16,7 +16,7 @@ from ._checks import TaskBatch, as_task_batch, check_gramian, locate_non_finite
 from ._kernels import accumulation_dtype, gramian
 from ._weights import agreement_scores, signed_normalize, uniform_weights
 
-__all__ = ["Weighting", "Mean", "Agreement", "NonNegativeAgreement", "agreement_weights"]
+__all__ = ["Agreement", "Mean", "NonNegativeAgreement", "Weighting", "agreement_weights"]
 
 
 class Weighting(ABC):
@@ -74,7 +74,9 @@ class Mean(Weighting):
 
     def from_gramian(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
-        return torch.full((n,), 1.0 / n, dtype=accumulation_dtype(gramian.dtype), device=gramian.device)
+        return torch.full(
+            (n,), 1.0 / n, dtype=accumulation_dtype(gramian.dtype), device=gramian.device
+        )
 
     def weights(
         self,

@@ -49,10 +49,12 @@ def agreement_scores(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor
     """``r_i = Σ_j g_i·g_j = g_i · Σ_j g_j`` for each task, in O(N·P).
 
     Two passes over the vectors (the task sum, then one dot per task and parameter) in at
-    least float32. If that overflows or underflows (e.g. fp32 vectors near 1e19, or near
-    1e-20: scores below ``tiny/eps`` of their dtype, where subnormal products lose digits), the scores are recomputed in float64 on the vectors scaled by a power of two
-    that brings their largest magnitude near 1, which leaves the weights unchanged; ``r``
-    is then that factor squared times the true scores. Non-finite inputs raise ``ValueError`` naming the task and parameter.
+    least float32. If that overflows or underflows (fp32 vectors near 1e19, or near 1e-20:
+    scores below ``tiny/eps`` of their dtype, where subnormal products lose digits), the
+    scores are recomputed in float64 on the vectors scaled by a power of two that brings
+    their largest magnitude near 1, which leaves the weights unchanged; ``r`` is then that
+    factor squared times the true scores. Non-finite inputs raise ``ValueError`` naming
+    the task and parameter.
     """
     dtype, _ = _batch_dtype_device(batch)
     scores = _scores(batch, 1.0, dtype, foreach)
@@ -104,8 +106,11 @@ def task_cosines(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor:
         [
             torch.linalg.vector_norm(
                 torch.stack(
-                    [torch.linalg.vector_norm(t, dtype=torch.float64) * scale
-                     for t in task if t is not None]
+                    [
+                        torch.linalg.vector_norm(t, dtype=torch.float64) * scale
+                        for t in task
+                        if t is not None
+                    ]
                     or [torch.zeros((), dtype=torch.float64, device=device)]
                 )
             )

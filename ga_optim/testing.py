@@ -21,7 +21,7 @@ Every assertion recomputes what it needs in float64 from the dense Gramian
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -86,9 +86,14 @@ def task_batches(
     if unknown:
         raise ValueError(f"`patterns` has unknown entries {sorted(unknown)}; known: {PATTERNS}.")
     allowed = [p for p in patterns if p != "one_task" or min_tasks <= 1]
-    if not allowed or min_tasks < 1 or max_tasks < max(min_tasks, 2 if allowed != ["one_task"] else 1):
+    if (
+        not allowed
+        or min_tasks < 1
+        or max_tasks < max(min_tasks, 2 if allowed != ["one_task"] else 1)
+    ):
         raise ValueError(
-            f"No batch fits min_tasks={min_tasks}, max_tasks={max_tasks}, patterns={tuple(patterns)}."
+            f"No batch fits min_tasks={min_tasks}, max_tasks={max_tasks}, "
+            f"patterns={tuple(patterns)}."
         )
     if max_params < 1 or max_side < 1 or not scales:
         raise ValueError(
@@ -129,7 +134,7 @@ def _task_batches(
         for _ in range(num_params)
     ]
     scale = draw(st.sampled_from(list(scales)))
-    width = 32 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 64
+    width: Literal[32, 64] = 32 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 64
     element = st.floats(-1.0, 1.0, allow_nan=False, allow_subnormal=False, width=width)
 
     def vector() -> list[Tensor]:
@@ -345,9 +350,9 @@ def assert_weighting_invariants(
 ) -> None:
     """All invariants above that apply to ``weighting`` on one batch.
 
-    Normalisation (non-negativity unless ``signed``), invariance to positive scales
-    (those of 2⁻³⁰, 3, 2⁴⁰ that :func:`scale_fits` the batch), equivariance under a reversal and a rotation of the tasks, and, when
-    ``aligned``, ``ḡ·update >= 0``.
+    Normalisation (non-negativity unless ``signed``), invariance to positive scales (those
+    of 2⁻³⁰, 3, 2⁴⁰ that :func:`scale_fits` the batch), equivariance under a reversal and a
+    rotation of the tasks, and, when ``aligned``, ``ḡ·update >= 0``.
     """
     assert_normalized(weighting, task_vectors, signed=signed)
     for scale in (2.0**-30, 3.0, 2.0**40):

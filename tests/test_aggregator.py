@@ -24,7 +24,10 @@ def _params_like(batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 
 def _weighted_sum64(weights: torch.Tensor, batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return [
-        sum((w * task[p].double() for w, task in zip(weights.double().tolist(), batch)), torch.zeros(()))
+        sum(
+            (w * task[p].double() for w, task in zip(weights.double().tolist(), batch)),
+            torch.zeros(()),
+        )
         for p in range(len(batch[0]))
     ]
 
@@ -59,10 +62,14 @@ def test_foreach_and_per_tensor_aggregate_agree(batch: list[list[torch.Tensor]])
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def _reptile_setup(seed: int = 0) -> tuple[torch.nn.Module, list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+def _reptile_setup(
+    seed: int = 0,
+) -> tuple[torch.nn.Module, list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """A model θ and five tasks' adapted weights θ_i, in float64."""
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)
+    ).double()
     theta = [p.detach().clone() for p in model.parameters()]
     adapted = [[t + 0.1 * torch.randn_like(t) for t in theta] for _ in range(5)]
     return model, [theta], adapted
@@ -80,7 +87,9 @@ def test_step_is_algorithm_1_line_10_reptile() -> None:
     expected_w = reference_agreement_weights(deltas)
     torch.testing.assert_close(weights, expected_w)
     for p, param in enumerate(model.parameters()):
-        expected = theta[p] + alpha * sum(w * (task[p] - theta[p]) for w, task in zip(expected_w, adapted))
+        expected = theta[p] + alpha * sum(
+            w * (task[p] - theta[p]) for w, task in zip(expected_w, adapted)
+        )
         torch.testing.assert_close(param.detach(), expected)
     assert aggregator.num_steps == 1
     assert torch.equal(aggregator.last_weights, weights)  # type: ignore[arg-type]
@@ -149,7 +158,10 @@ def test_untouched_parameter_gets_zero_grad_and_none_counts_as_zero() -> None:
     a = torch.zeros(2, requires_grad=True, dtype=torch.float64)
     b = torch.zeros(3, requires_grad=True, dtype=torch.float64)
     aggregator = GradientAgreementAggregator([a, b])
-    g1, g2 = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([3.0, 0.0], dtype=torch.float64)
+    g1, g2 = (
+        torch.tensor([1.0, 2.0], dtype=torch.float64),
+        torch.tensor([3.0, 0.0], dtype=torch.float64),
+    )
     aggregator.step([[g1, None], [g2, None]])
     # s = (4, 2): r = (8, 12) → w = (0.4, 0.6)
     torch.testing.assert_close(a.grad, 0.4 * g1 + 0.6 * g2)
@@ -181,7 +193,9 @@ def test_non_negative_weighting_in_aggregator() -> None:
     torch.testing.assert_close(weights, expected)
 
 
-def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor | None], dict]:
+def _snapshot(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], dict]:
     return (
         [p.detach().clone() for p in model.parameters()],
         [None if p.grad is None else p.grad.clone() for p in model.parameters()],
@@ -197,7 +211,9 @@ def _assert_same(before: tuple, after: tuple) -> None:
     assert before[2]["param_groups"] == after[2]["param_groups"]
     for key, state in before[2]["state"].items():
         for name, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after[2]["state"][key][name]))
+            assert torch.equal(
+                torch.as_tensor(value), torch.as_tensor(after[2]["state"][key][name])
+            )
 
 
 def test_failed_calls_leave_everything_untouched() -> None:
@@ -212,10 +228,15 @@ def test_failed_calls_leave_everything_untouched() -> None:
     nan_last[-1][-1] = torch.full_like(nan_last[-1][-1], float("nan"))
     bad_calls = [
         (lambda: aggregator.step(nan_last), ValueError),
-        (lambda: aggregator.step(deltas[:-1] + [deltas[-1][:-1]]), ValueError),
+        (lambda: aggregator.step([*deltas[:-1], deltas[-1][:-1]]), ValueError),
         (lambda: aggregator.step(deltas, agreement_vectors=nan_last), ValueError),
         (lambda: aggregator.step(nan_last, weighting_unused=1), TypeError),  # type: ignore[call-arg]
-        (lambda: aggregator.step([[d.float() for d in task] for task in deltas[:2]] + deltas[2:]), TypeError),
+        (
+            lambda: aggregator.step(
+                [[d.float() for d in task] for task in deltas[:2]] + deltas[2:]
+            ),
+            TypeError,
+        ),
     ]
     for call, error in bad_calls:
         with pytest.raises(error):
@@ -264,7 +285,10 @@ def _train(aggregator: GradientAgreementAggregator, model: torch.nn.Module, step
     for step in steps:
         gen = torch.Generator().manual_seed(step)
         deltas = [
-            [torch.randn(p.shape, generator=gen, dtype=p.dtype) + 0.1 * p.detach() for p in model.parameters()]
+            [
+                torch.randn(p.shape, generator=gen, dtype=p.dtype) + 0.1 * p.detach()
+                for p in model.parameters()
+            ]
             for _ in range(4)
         ]
         aggregator.step(deltas)
@@ -279,7 +303,10 @@ def test_state_dict_resume_continues_identically() -> None:
 
     model, aggregator = build()
     _train(aggregator, model, range(0, 3))
-    checkpoint = {"model": copy.deepcopy(model.state_dict()), "agg": copy.deepcopy(aggregator.state_dict())}
+    checkpoint = {
+        "model": copy.deepcopy(model.state_dict()),
+        "agg": copy.deepcopy(aggregator.state_dict()),
+    }
     _train(aggregator, model, range(3, 6))
 
     resumed_model, resumed = build()
@@ -299,15 +326,21 @@ def test_state_dict_resume_continues_identically() -> None:
 
 def test_load_state_dict_errors() -> None:
     model = torch.nn.Linear(2, 1)
-    with_opt = GradientAgreementAggregator(model.parameters(), torch.optim.SGD(model.parameters(), lr=1))
+    with_opt = GradientAgreementAggregator(
+        model.parameters(), torch.optim.SGD(model.parameters(), lr=1)
+    )
     without = GradientAgreementAggregator(model.parameters())
     with pytest.raises(TypeError, match=r"`state_dict` should be a dict\. Found `list`"):
         with_opt.load_state_dict([])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"missing the keys \['last_weights', 'num_steps'\]"):
         with_opt.load_state_dict({"optimizer": None})
-    with pytest.raises(ValueError, match=r"`state_dict\['optimizer'\]` is None but this aggregator has one"):
+    with pytest.raises(
+        ValueError, match=r"`state_dict\['optimizer'\]` is None but this aggregator has one"
+    ):
         with_opt.load_state_dict(without.state_dict())
-    with pytest.raises(ValueError, match=r"is an optimizer state but this aggregator has no optimizer"):
+    with pytest.raises(
+        ValueError, match=r"is an optimizer state but this aggregator has no optimizer"
+    ):
         without.load_state_dict(with_opt.state_dict())
 
 
@@ -317,4 +350,7 @@ def test_weights_method_and_repr() -> None:
     aggregator = GradientAgreementAggregator(model.parameters(), weighting=Agreement())
     torch.testing.assert_close(aggregator.weights(deltas), reference_agreement_weights(deltas))
     assert aggregator.last_weights is None  # weights() records nothing
-    assert repr(aggregator) == "GradientAgreementAggregator(weighting=Agreement(), optimizer=None, params=4)"
+    assert (
+        repr(aggregator)
+        == "GradientAgreementAggregator(weighting=Agreement(), optimizer=None, params=4)"
+    )

@@ -11,22 +11,77 @@ v = torch.ones(3)
 m = torch.ones(2, 2)
 
 BAD_TASK_VECTORS = [
-    ("not-a-sequence", 3.0, TypeError, r"`task_vectors` should be a tensor \[N, \.\.\.\] or a sequence"),
+    (
+        "not-a-sequence",
+        3.0,
+        TypeError,
+        r"`task_vectors` should be a tensor \[N, \.\.\.\] or a sequence",
+    ),
     ("string", "abc", TypeError, r"Found `str`"),
     ("empty", [], ValueError, r"at least one task\. Found an empty sequence"),
     ("empty-tensor", torch.ones(0, 3), ValueError, r"N >= 1 tasks .* Found shape \(0, 3\)"),
     ("scalar-tensor", torch.tensor(1.0), ValueError, r"Found shape \(\)"),
-    ("task-is-tensor", [v, v], TypeError, r"`task_vectors\[0\]` should be a sequence .* Found a Tensor of shape \(3,\)"),
-    ("task-is-number", [[v], 1.0], TypeError, r"`task_vectors\[1\]` should be a sequence .* Found `float`"),
+    (
+        "task-is-tensor",
+        [v, v],
+        TypeError,
+        r"`task_vectors\[0\]` should be a sequence .* Found a Tensor of shape \(3,\)",
+    ),
+    (
+        "task-is-number",
+        [[v], 1.0],
+        TypeError,
+        r"`task_vectors\[1\]` should be a sequence .* Found `float`",
+    ),
     ("no-params", [[], []], ValueError, r"`task_vectors\[0\]` should hold at least one tensor"),
-    ("ragged-count", [[v, m], [v]], ValueError, r"`task_vectors\[1\]` holds 1 tensors; expected as many as task 0 \(2\)"),
-    ("ragged-shape", [[v, m], [v, torch.ones(4, 2)]], ValueError, r"`task_vectors\[1\]\[1\]` has shape \(4, 2\); task 0 has \(2, 2\) for the same parameter"),
-    ("non-tensor-entry", [[v], [[1.0, 2.0, 3.0]]], TypeError, r"`task_vectors\[1\]\[0\]` should be a Tensor or None\. Found `list`"),
-    ("integer-dtype", [[v], [torch.ones(3, dtype=torch.int64)]], TypeError, r"`task_vectors\[1\]\[0\]` should have a floating-point dtype\. Found torch\.int64"),
-    ("mixed-dtype", [[v], [v.double()]], TypeError, r"`task_vectors\[1\]\[0\]` has dtype torch\.float64; task 0 has torch\.float32"),
-    ("mixed-device", [[v], [torch.ones(3, device="meta")]], ValueError, r"`task_vectors\[1\]\[0\]` is on device meta; task 0 has cpu"),
-    ("nan", [[v], [torch.tensor([1.0, float("nan"), 0.0])]], ValueError, r"`task_vectors\[1\]\[0\]` should be finite\. Found nan at index \(1,\)"),
-    ("inf", [[v, m], [v, torch.tensor([[0.0, 0.0], [float("-inf"), 1.0]])]], ValueError, r"`task_vectors\[1\]\[1\]` should be finite\. Found -inf at index \(1, 0\)"),
+    (
+        "ragged-count",
+        [[v, m], [v]],
+        ValueError,
+        r"`task_vectors\[1\]` holds 1 tensors; expected as many as task 0 \(2\)",
+    ),
+    (
+        "ragged-shape",
+        [[v, m], [v, torch.ones(4, 2)]],
+        ValueError,
+        r"`task_vectors\[1\]\[1\]` has shape \(4, 2\); task 0 has \(2, 2\) for the same parameter",
+    ),
+    (
+        "non-tensor-entry",
+        [[v], [[1.0, 2.0, 3.0]]],
+        TypeError,
+        r"`task_vectors\[1\]\[0\]` should be a Tensor or None\. Found `list`",
+    ),
+    (
+        "integer-dtype",
+        [[v], [torch.ones(3, dtype=torch.int64)]],
+        TypeError,
+        r"`task_vectors\[1\]\[0\]` should have a floating-point dtype\. Found torch\.int64",
+    ),
+    (
+        "mixed-dtype",
+        [[v], [v.double()]],
+        TypeError,
+        r"`task_vectors\[1\]\[0\]` has dtype torch\.float64; task 0 has torch\.float32",
+    ),
+    (
+        "mixed-device",
+        [[v], [torch.ones(3, device="meta")]],
+        ValueError,
+        r"`task_vectors\[1\]\[0\]` is on device meta; task 0 has cpu",
+    ),
+    (
+        "nan",
+        [[v], [torch.tensor([1.0, float("nan"), 0.0])]],
+        ValueError,
+        r"`task_vectors\[1\]\[0\]` should be finite\. Found nan at index \(1,\)",
+    ),
+    (
+        "inf",
+        [[v, m], [v, torch.tensor([[0.0, 0.0], [float("-inf"), 1.0]])]],
+        ValueError,
+        r"`task_vectors\[1\]\[1\]` should be finite\. Found -inf at index \(1, 0\)",
+    ),
 ]
 
 
@@ -49,8 +104,18 @@ BAD_GRAMIANS = [
     ("list", [[1.0]], TypeError, r"`gramian` should be a Tensor \[N, N\]\. Found `list`"),
     ("not-square", torch.ones(2, 3), ValueError, r"square matrix .* Found shape \(2, 3\)"),
     ("empty", torch.ones(0, 0), ValueError, r"N >= 1\. Found shape \(0, 0\)"),
-    ("integer", torch.ones(2, 2, dtype=torch.int32), TypeError, r"floating-point dtype\. Found torch\.int32"),
-    ("nan", torch.tensor([[1.0, 0.0], [0.0, float("nan")]]), ValueError, r"should be finite\. Found nan at \[1, 1\]"),
+    (
+        "integer",
+        torch.ones(2, 2, dtype=torch.int32),
+        TypeError,
+        r"floating-point dtype\. Found torch\.int32",
+    ),
+    (
+        "nan",
+        torch.tensor([[1.0, 0.0], [0.0, float("nan")]]),
+        ValueError,
+        r"should be finite\. Found nan at \[1, 1\]",
+    ),
 ]
 
 
@@ -75,7 +140,9 @@ def _model() -> torch.nn.Module:
 
 def test_aggregator_constructor_errors() -> None:
     model = _model()
-    with pytest.raises(TypeError, match=r"`params` should be an iterable of tensors .* single Tensor"):
+    with pytest.raises(
+        TypeError, match=r"`params` should be an iterable of tensors .* single Tensor"
+    ):
         GradientAgreementAggregator(model.weight)
     with pytest.raises(ValueError, match=r"`params` should hold at least one tensor"):
         GradientAgreementAggregator([])
@@ -88,11 +155,17 @@ def test_aggregator_constructor_errors() -> None:
     with pytest.raises(ValueError, match=r"`params\[0\]` should be a leaf tensor"):
         GradientAgreementAggregator([model.weight * 2])
     outer = torch.optim.SGD([model.weight], lr=0.1)
-    with pytest.raises(ValueError, match=r"`params\[1\]` \(shape \(2,\)\) is in no param group of `optimizer`"):
+    with pytest.raises(
+        ValueError, match=r"`params\[1\]` \(shape \(2,\)\) is in no param group of `optimizer`"
+    ):
         GradientAgreementAggregator(model.parameters(), outer)
-    with pytest.raises(TypeError, match=r"`optimizer` should be a torch\.optim\.Optimizer .* Found `str`"):
+    with pytest.raises(
+        TypeError, match=r"`optimizer` should be a torch\.optim\.Optimizer .* Found `str`"
+    ):
         GradientAgreementAggregator(model.parameters(), "sgd")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"`weighting` should be a ga_optim\.Weighting .* Found `str`"):
+    with pytest.raises(
+        TypeError, match=r"`weighting` should be a ga_optim\.Weighting .* Found `str`"
+    ):
         GradientAgreementAggregator(model.parameters(), weighting="mean")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"`foreach` should be a bool or None"):
         GradientAgreementAggregator(model.parameters(), foreach=1)  # type: ignore[arg-type]
@@ -102,17 +175,25 @@ def test_aggregator_input_errors_name_parameter() -> None:
     model = _model()
     aggregator = GradientAgreementAggregator(model.parameters())
     good = [torch.zeros(2, 3), torch.zeros(2)]
-    with pytest.raises(ValueError, match=r"`task_vectors\[1\]\[0\]` has shape \(3, 2\); parameter 0 has \(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"`task_vectors\[1\]\[0\]` has shape \(3, 2\); parameter 0 has \(2, 3\)"
+    ):
         aggregator.aggregate([good, [torch.zeros(3, 2), torch.zeros(2)]])
-    with pytest.raises(ValueError, match=r"`task_vectors\[0\]` holds 1 tensors; expected one per parameter \(2\)"):
+    with pytest.raises(
+        ValueError, match=r"`task_vectors\[0\]` holds 1 tensors; expected one per parameter \(2\)"
+    ):
         aggregator.aggregate([[torch.zeros(2, 3)]])
-    with pytest.raises(ValueError, match=r"`agreement_vectors` holds 1 tasks; `task_vectors` holds 2"):
+    with pytest.raises(
+        ValueError, match=r"`agreement_vectors` holds 1 tasks; `task_vectors` holds 2"
+    ):
         aggregator.aggregate([good, good], agreement_vectors=[good])
     with pytest.raises(ValueError, match=r"`gramian` is \(3, 3\); `task_vectors` holds 2 tasks"):
         aggregator.aggregate([good, good], gramian=torch.eye(3))
     with pytest.raises(TypeError, match=r"at most one of `agreement_vectors` and `gramian`"):
         aggregator.aggregate([good, good], agreement_vectors=[good, good], gramian=torch.eye(2))
-    with pytest.raises(ValueError, match=r"`task_vectors` is a tensor of shape \(2, 7\); .* \[N, 8\]"):
+    with pytest.raises(
+        ValueError, match=r"`task_vectors` is a tensor of shape \(2, 7\); .* \[N, 8\]"
+    ):
         aggregator.aggregate(torch.zeros(2, 7))
     nan = [torch.zeros(2, 3), torch.tensor([0.0, float("nan")])]
     with pytest.raises(ValueError, match=r"`task_vectors\[1\]\[1\]` should be finite"):

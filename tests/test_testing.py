@@ -80,7 +80,7 @@ BATCH = [[torch.tensor([1.0, 2.0])], [torch.tensor([3.0, -1.0])], [torch.tensor(
 
 
 def test_assertions_catch_broken_weightings() -> None:
-    with pytest.raises(AssertionError, match="Σ|w|"):
+    with pytest.raises(AssertionError, match=r"Σ\|w\| = .*expected 1"):
         assert_normalized(_Broken("unnormalized"), BATCH)
     with pytest.raises(AssertionError, match="permuted weights differ"):
         assert_permutation_equivariant(_Broken("by-index"), BATCH, [2, 1, 0])

@@ -43,7 +43,9 @@ def test_non_negative_matches_clamped_formula(batch: list[list[torch.Tensor]]) -
     weights = NonNegativeAgreement().weights(batch)
     signed = reference_agreement_weights(batch)
     positive = signed.clamp(min=0)
-    expected = positive / positive.sum() if positive.sum() > 0 else torch.full_like(signed, 1 / len(batch))
+    expected = (
+        positive / positive.sum() if positive.sum() > 0 else torch.full_like(signed, 1 / len(batch))
+    )
     torch.testing.assert_close(weights, expected, atol=1e-9, rtol=0)
     assert_weighting_invariants(NonNegativeAgreement(), batch, signed=False)
 

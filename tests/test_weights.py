@@ -9,7 +9,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from ga_optim import agreement_weights
+from ga_optim import Agreement, agreement_weights
 from ga_optim.testing import (
     assert_weighting_invariants,
     condition_number,
@@ -17,7 +17,6 @@ from ga_optim.testing import (
     reference_gramian,
     task_batches,
 )
-from ga_optim import Agreement
 
 
 def test_golden_three_tasks_by_hand() -> None:
@@ -86,7 +85,11 @@ def test_none_counts_as_zeros() -> None:
     torch.manual_seed(2)
     a, b = torch.randn(3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
     with_none = [[a, b], [None, -b], [2 * a, None]]
-    dense = [[a, b], [torch.zeros(3, dtype=torch.float64), -b], [2 * a, torch.zeros(2, dtype=torch.float64)]]
+    dense = [
+        [a, b],
+        [torch.zeros(3, dtype=torch.float64), -b],
+        [2 * a, torch.zeros(2, dtype=torch.float64)],
+    ]
     torch.testing.assert_close(agreement_weights(with_none), reference_agreement_weights(dense))
 
 
@@ -111,7 +114,9 @@ def test_float32_extreme_scales_match_float64_reference(scale: float) -> None:
     vectors = (base * scale).float()
     weights = agreement_weights(vectors)
     assert weights.dtype == torch.float32
-    torch.testing.assert_close(weights.double(), reference_agreement_weights(base), atol=2e-5, rtol=0)
+    torch.testing.assert_close(
+        weights.double(), reference_agreement_weights(base), atol=2e-5, rtol=0
+    )
 
 
 def test_float64_huge_scale() -> None:

@@ -1,0 +1,140 @@
+"""The shared machinery of the MAML-style adapters: record per-task vectors, then step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .._aggregator import GradientAgreementAggregator
+from .._weightings import Weighting
+
+__all__ = ["MetaGradientRecorder"]
+
+AgreementOn = Literal["deltas", "meta_gradients"]
+
+
+class MetaGradientRecorder:
+    """Keeps each task's meta-gradient and inner-loop delta apart, then applies Algorithm 1.
+
+    ``loss.backward()`` would sum the tasks' meta-gradients into ``.grad`` and lose them;
+    :meth:`record_task` keeps them per task. :meth:`step` weights them (by default with
+    agreement measured on the inner-loop deltas θ − θ_i, Algorithm 1 lines 7–9), writes
+    Σ w_i ∇L_i(θ_i) into ``.grad`` and steps the optimizer.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        optimizer: torch.optim.Optimizer,
+        *,
+        weighting: Weighting | None = None,
+        agreement_on: AgreementOn = "deltas",
+        foreach: bool | None = None,
+        track_cosines: bool = False,
+    ) -> None:
+        if agreement_on not in ("deltas", "meta_gradients"):
+            raise ValueError(
+                "`agreement_on` should be 'deltas' (Algorithm 1, lines 7-9) or "
+                f"'meta_gradients'. Found {agreement_on!r}."
+            )
+        if optimizer is None:
+            raise TypeError("`optimizer` should be the outer torch.optim.Optimizer. Found None.")
+        self.aggregator = GradientAgreementAggregator(
+            params, optimizer, weighting=weighting, foreach=foreach, track_cosines=track_cosines
+        )
+        self.agreement_on = agreement_on
+        self.meta_gradients: list[list[Tensor | None]] = []
+        self.deltas: list[list[Tensor | None]] = []
+
+    @property
+    def params(self) -> list[Tensor]:
+        return self.aggregator.params
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        assert self.aggregator.optimizer is not None
+        return self.aggregator.optimizer
+
+    @property
+    def last_weights(self) -> Tensor | None:
+        return self.aggregator.last_weights
+
+    @property
+    def num_recorded(self) -> int:
+        return len(self.meta_gradients)
+
+    def _check_adapted(self, adapted: Sequence[Tensor], what: str) -> None:
+        if len(adapted) != len(self.params):
+            raise ValueError(
+                f"`{what}` has {len(adapted)} parameters; the wrapped model has "
+                f"{len(self.params)}. Record a learner cloned from the wrapped model."
+            )
+        for p, (fast, slow) in enumerate(zip(adapted, self.params)):
+            if fast.shape != slow.shape:
+                raise ValueError(
+                    f"`{what}` parameter {p} has shape {tuple(fast.shape)}; the wrapped "
+                    f"model's has {tuple(slow.shape)}. Record a learner cloned from it."
+                )
+
+    def _meta_gradient(self, loss: Tensor, fallback: Sequence[Tensor] | None) -> list[Tensor | None]:
+        """∇_θ loss; with ``fallback`` (first-order loops whose fast weights are detached
+        from θ), the gradient with respect to the fast weights instead."""
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(
+                "`loss` should be a scalar Tensor (the task's query loss). Found "
+                + (f"shape {tuple(loss.shape)}." if isinstance(loss, Tensor) else f"`{type(loss).__name__}`.")
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                "`loss` does not depend on the parameters (it does not require grad): "
+                "compute it from the adapted learner's forward pass."
+            )
+        targets = [p for p in self.params if p.requires_grad]
+        grads = torch.autograd.grad(loss, targets, retain_graph=fallback is not None, allow_unused=True)
+        by_param = dict(zip(map(id, targets), grads))
+        result = [by_param.get(id(p)) for p in self.params]
+        if all(g is None for g in result) and fallback is not None:
+            fast = [t for t in fallback if t.requires_grad]
+            fast_grads = torch.autograd.grad(loss, fast, allow_unused=True)
+            by_fast = dict(zip(map(id, fast), fast_grads))
+            result = [by_fast.get(id(t)) for t in fallback]
+        if all(g is None for g in result):
+            raise ValueError(
+                "`loss` does not depend on the wrapped model's parameters (every gradient "
+                "is None): compute it from the adapted learner's forward pass."
+            )
+        return [None if g is None else g.detach() for g in result]
+
+    def record_task(self, loss: Tensor, adapted: Sequence[Tensor], *, fallback: bool = False, what: str = "learner") -> None:
+        """Record one task: its meta-gradient ∇_θ L_i(θ_i) and its delta θ − θ_i."""
+        adapted = list(adapted)
+        self._check_adapted(adapted, what)
+        meta_gradient = self._meta_gradient(loss, adapted if fallback else None)
+        with torch.no_grad():
+            delta = [slow.detach() - fast.detach() for slow, fast in zip(self.params, adapted)]
+        self.meta_gradients.append(meta_gradient)
+        self.deltas.append(list(delta))
+
+    def step(self) -> Tensor:
+        """Weight the recorded tasks, write Σ w_i ∇L_i(θ_i) into ``.grad``, step, clear.
+
+        Returns the weights. If it raises, nothing was written and the recorded tasks are
+        kept.
+        """
+        if not self.meta_gradients:
+            raise RuntimeError(
+                "step() found no recorded task: call backward(loss, learner) once per task "
+                "of the meta-batch first."
+            )
+        measured = self.deltas if self.agreement_on == "deltas" else None
+        weights = self.aggregator.step(self.meta_gradients, agreement_vectors=measured)
+        self.clear()
+        return weights
+
+    def clear(self) -> None:
+        """Forget the recorded tasks."""
+        self.meta_gradients.clear()
+        self.deltas.clear()

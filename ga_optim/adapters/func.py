@@ -1,0 +1,120 @@
+"""Helpers for ``torch.func`` loops: per-parameter tensors stacked over tasks by ``vmap``.
+
+A ``vmap``-ed inner loop yields, for each parameter name, one tensor ``[N, *shape]``: the
+N adapted weights, or the N meta-gradients. These helpers turn such dicts into what
+:class:`~ga_optim.GradientAgreementAggregator` takes, without copying::
+
+    params = dict(model.named_parameters())
+    adapted = vmap(inner_loop, in_dims=(None, 0, 0))(params, x, y)   # {name: [N, ...]}
+    agree = FuncAgreement(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    agree.step(reptile_deltas(params, adapted))                     # Reptile, line 10
+    agree.step(meta_grads, agreement_vectors=reptile_deltas(params, adapted))   # MAML
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._aggregator import GradientAgreementAggregator
+from .._weightings import Weighting
+
+__all__ = ["FuncAgreement", "reptile_deltas", "stacked_task_vectors"]
+
+Stacked = Mapping[str, Tensor]
+
+
+def stacked_task_vectors(stacked: Stacked, names: Sequence[str]) -> list[list[Tensor]]:
+    """``{name: [N, *shape]}`` → N per-task lists of views, in the order of ``names``."""
+    missing = [name for name in names if name not in stacked]
+    if missing:
+        raise ValueError(f"`stacked` has no entry for the parameters {missing}.")
+    extra = sorted(set(stacked) - set(names))
+    if extra:
+        raise ValueError(f"`stacked` has entries {extra} that are not parameters of the model.")
+    sizes = {name: stacked[name].shape[0] if stacked[name].dim() else 0 for name in names}
+    n = sizes[names[0]]
+    for name, size in sizes.items():
+        if size != n or size == 0:
+            raise ValueError(
+                f"`stacked[{name!r}]` has {size} tasks along dimension 0; "
+                f"`stacked[{names[0]!r}]` has {n}. Each entry should be [N, *param.shape]."
+            )
+    columns = [stacked[name].unbind(0) for name in names]
+    return [[column[i] for column in columns] for i in range(n)]
+
+
+def reptile_deltas(params: Mapping[str, Tensor], adapted: Stacked) -> dict[str, Tensor]:
+    """The task vectors θ − θ_i, ``{name: [N, *shape]}``, from θ and the stacked θ_i."""
+    deltas = {}
+    for name, theta in params.items():
+        if name not in adapted:
+            raise ValueError(f"`adapted` has no entry for the parameter {name!r}.")
+        fast = adapted[name]
+        if fast.shape[1:] != theta.shape:
+            raise ValueError(
+                f"`adapted[{name!r}]` has shape {tuple(fast.shape)}; expected "
+                f"[N, {', '.join(map(str, theta.shape))}] for a parameter of shape {tuple(theta.shape)}."
+            )
+        deltas[name] = theta.detach().unsqueeze(0) - fast.detach()
+    return deltas
+
+
+class FuncAgreement:
+    """:class:`~ga_optim.GradientAgreementAggregator` for dicts of stacked task vectors.
+
+    Args:
+        model: the meta-model; its ``named_parameters()`` order is the parameter order.
+        optimizer: the outer optimizer over ``model.parameters()`` (or ``None`` to only
+            write ``.grad``).
+        weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        weighting: Weighting | None = None,
+        foreach: bool | None = None,
+        track_cosines: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
+        named = list(model.named_parameters())
+        self.names = [name for name, _ in named]
+        self.aggregator = GradientAgreementAggregator(
+            [p for _, p in named], optimizer, weighting=weighting, foreach=foreach,
+            track_cosines=track_cosines,
+        )
+
+    @property
+    def last_weights(self) -> Tensor | None:
+        return self.aggregator.last_weights
+
+    def _tasks(self, stacked: Stacked | None, what: str) -> list[list[Tensor]] | None:
+        if stacked is None:
+            return None
+        if not isinstance(stacked, Mapping):
+            raise TypeError(
+                f"`{what}` should be a dict {{name: [N, *shape]}} (as torch.func returns). "
+                f"Found `{type(stacked).__name__}`."
+            )
+        return stacked_task_vectors(stacked, self.names)
+
+    def aggregate(self, task_vectors: Stacked, *, agreement_vectors: Stacked | None = None) -> dict[str, Tensor]:
+        """Σ_i w_i v_i as ``{name: tensor}``; see :meth:`GradientAgreementAggregator.aggregate`."""
+        tasks = self._tasks(task_vectors, "task_vectors")
+        result = self.aggregator.aggregate(tasks, agreement_vectors=self._tasks(agreement_vectors, "agreement_vectors"))
+        return dict(zip(self.names, result))
+
+    def step(self, task_vectors: Stacked, *, agreement_vectors: Stacked | None = None) -> Tensor:
+        """Write Σ_i w_i v_i into ``.grad`` and step; return the weights.
+
+        Reptile: ``step(reptile_deltas(params, adapted))``. MAML (Algorithm 1, lines 7–9):
+        ``step(meta_grads, agreement_vectors=reptile_deltas(params, adapted))``.
+        """
+        tasks = self._tasks(task_vectors, "task_vectors")
+        return self.aggregator.step(tasks, agreement_vectors=self._tasks(agreement_vectors, "agreement_vectors"))

@@ -1,0 +1,87 @@
+"""Gradient agreement for ``higher.innerloop_ctx`` MAML loops.
+
+::
+
+    agree = AgreementHigher(model, meta_opt)
+    for task in meta_batch:
+        with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(inner_steps):
+                diffopt.step(support_loss(fmodel))
+            agree.backward(query_loss(fmodel), fmodel)   # was: query_loss.backward()
+    agree.step()                                         # was: meta_opt.step()
+
+``copy_initial_weights=False`` is what lets the query loss reach ``model``'s parameters
+(second order). With ``track_higher_grads=False`` (first order) the fast weights are
+detached from θ and the gradient with respect to the fast weights is used instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._weightings import Weighting
+from ._recorder import AgreementOn, MetaGradientRecorder
+
+try:
+    import higher as _higher
+except ImportError as error:  # pragma: no cover - exercised only without higher
+    raise ImportError(
+        "ga_optim.adapters.higher needs higher. Install it with: "
+        "pip install 'ga-optim[higher]'  (or: pip install higher==0.2.1)"
+    ) from error
+
+__all__ = ["AgreementHigher"]
+
+
+class AgreementHigher:
+    r"""Record each ``higher`` task's meta-gradient and inner delta; step with agreement.
+
+    Algorithm 1, lines 7–9, of Eshratifar, Eigen & Pedram (2018), as in
+    :class:`ga_optim.adapters.learn2learn.AgreementMAML`.
+
+    Args:
+        model: the meta-model θ (the module given to ``higher.innerloop_ctx``).
+        optimizer: the outer optimizer over ``model.parameters()``.
+        weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
+        agreement_on: ``"deltas"`` (the paper) or ``"meta_gradients"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        weighting: Weighting | None = None,
+        agreement_on: AgreementOn = "deltas",
+        foreach: bool | None = None,
+        track_cosines: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
+        self.model = model
+        self.recorder = MetaGradientRecorder(
+            model.parameters(), optimizer, weighting=weighting, agreement_on=agreement_on,
+            foreach=foreach, track_cosines=track_cosines,
+        )
+
+    @property
+    def last_weights(self) -> Tensor | None:
+        return self.recorder.last_weights
+
+    @property
+    def num_recorded(self) -> int:
+        return self.recorder.num_recorded
+
+    def backward(self, loss: Tensor, fmodel: nn.Module) -> None:
+        """Replace ``loss.backward()`` inside the ``innerloop_ctx``: record this task."""
+        if not isinstance(fmodel, _higher.patch._MonkeyPatchBase):
+            raise TypeError(
+                "`fmodel` should be the functional model from higher.innerloop_ctx. "
+                f"Found `{type(fmodel).__name__}`."
+            )
+        self.recorder.record_task(loss, list(fmodel.parameters()), fallback=True, what="fmodel")
+
+    def step(self) -> Tensor:
+        """Weight the recorded tasks, write Σ w_i ∇_i into ``.grad``, step; return the weights."""
+        return self.recorder.step()

@@ -1,0 +1,105 @@
+"""Gradient agreement for learn2learn's ``MAML`` / ``MetaSGD`` loops, and Reptile.
+
+A stock learn2learn loop changes in four lines::
+
+    maml = l2l.algorithms.MAML(model, lr=0.5, first_order=False)
+    opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    agree = AgreementMAML(maml, opt)                       # + wrap
+    for iteration in range(iterations):
+        opt.zero_grad()
+        for task in range(meta_batch_size):
+            learner = maml.clone()
+            learner.adapt(support_loss(learner))
+            agree.backward(query_loss(learner), learner)    # was: query_loss.backward()
+        agree.step()                                        # was: p.grad /= N; opt.step()
+
+Needs learn2learn; ``pip install learn2learn`` does not build on Python 3.11, so use the
+repository's ``scripts/install_learn2learn.sh``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._weightings import Weighting
+from ._recorder import AgreementOn, MetaGradientRecorder
+from .reptile import AgreementReptile
+
+try:
+    import learn2learn as l2l
+except ImportError as error:  # pragma: no cover - exercised only without learn2learn
+    raise ImportError(
+        "ga_optim.adapters.learn2learn needs learn2learn 0.2.0. On Python 3.11 its sdist "
+        "must be rebuilt: run `bash scripts/install_learn2learn.sh` from the ga_optim "
+        "repository (or `pip install learn2learn` on Python <= 3.9)."
+    ) from error
+
+__all__ = ["AgreementMAML", "AgreementReptile"]
+
+
+class AgreementMAML:
+    r"""Wrap a learn2learn ``MAML`` or ``MetaSGD`` so its outer step uses gradient agreement.
+
+    Algorithm 1, lines 7–9, of Eshratifar, Eigen & Pedram (2018): each task's inner-loop
+    delta :math:`g_i = \theta - \theta_i` gives the weights (Eq. 13), and the outer step is
+    :math:`\theta \leftarrow \theta - \alpha \sum_i w_i \nabla_\theta L_i(\theta_i)` through
+    ``optimizer``. First and second order both work: the meta-gradient is whatever
+    learn2learn's graph gives (for ``first_order=True``, the gradient at θ_i). With
+    :class:`~ga_optim.Mean`, the step equals the plain loop that averages the tasks'
+    ``.grad`` and steps.
+
+    Args:
+        maml: an ``l2l.algorithms.MAML`` or ``l2l.algorithms.MetaSGD``.
+        optimizer: the outer optimizer over ``maml.parameters()``.
+        weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
+        agreement_on: ``"deltas"`` (the paper) or ``"meta_gradients"``.
+    """
+
+    def __init__(
+        self,
+        maml: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        weighting: Weighting | None = None,
+        agreement_on: AgreementOn = "deltas",
+        foreach: bool | None = None,
+        track_cosines: bool = False,
+    ) -> None:
+        if not isinstance(maml, (l2l.algorithms.MAML, l2l.algorithms.MetaSGD)):
+            raise TypeError(
+                "`maml` should be a learn2learn MAML or MetaSGD. "
+                f"Found `{type(maml).__name__}`; for plain modules use AgreementReptile."
+            )
+        self.maml = maml
+        self.recorder = MetaGradientRecorder(
+            maml.parameters(), optimizer, weighting=weighting, agreement_on=agreement_on,
+            foreach=foreach, track_cosines=track_cosines,
+        )
+
+    @property
+    def last_weights(self) -> Tensor | None:
+        return self.recorder.last_weights
+
+    @property
+    def num_recorded(self) -> int:
+        return self.recorder.num_recorded
+
+    def clone(self, **kwargs: Any) -> nn.Module:
+        """Exactly ``maml.clone(**kwargs)``: adapt it with ``learner.adapt(loss)``."""
+        return self.maml.clone(**kwargs)  # type: ignore[no-any-return]
+
+    def backward(self, loss: Tensor, learner: nn.Module) -> None:
+        """Replace ``loss.backward()``: record the task's meta-gradient and θ − θ_i."""
+        if not isinstance(learner, type(self.maml)):
+            raise TypeError(
+                f"`learner` should be a clone of the wrapped {type(self.maml).__name__}. "
+                f"Found `{type(learner).__name__}`."
+            )
+        self.recorder.record_task(loss, list(learner.parameters()))
+
+    def step(self) -> Tensor:
+        """Weight the recorded tasks, write Σ w_i ∇_i into ``.grad``, step; return the weights."""
+        return self.recorder.step()

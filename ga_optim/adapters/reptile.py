@@ -1,0 +1,99 @@
+"""Reptile with gradient agreement for any ``nn.Module`` and any inner optimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from .._aggregator import GradientAgreementAggregator
+from .._weightings import Weighting
+
+__all__ = ["AgreementReptile"]
+
+
+class AgreementReptile:
+    r"""Batched Reptile whose outer step weights the tasks by gradient agreement.
+
+    Algorithm 1, line 10, of Eshratifar, Eigen & Pedram (2018):
+    :math:`\theta \leftarrow \theta + \alpha \sum_i w_i (\theta_i - \theta)`, with the task
+    vectors :math:`g_i = \theta - \theta_i` and :math:`w` from ``weighting`` (default the
+    paper's :class:`~ga_optim.Agreement`; :class:`~ga_optim.Mean` gives plain batched
+    Reptile). The outer optimizer applies it: with ``SGD(lr=α)`` exactly line 10.
+
+    Usage::
+
+        reptile = AgreementReptile(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        for task in meta_batch:
+            learner = reptile.clone()            # a copy of the model to adapt
+            inner = torch.optim.SGD(learner.parameters(), lr=0.02)
+            ...                                  # adapt learner on the task
+            reptile.record(learner)              # records θ − θ_i
+        weights = reptile.step()                 # θ ← θ + α Σ w_i (θ_i − θ)
+
+    Args:
+        model: the meta-model θ.
+        optimizer: the outer optimizer over ``model.parameters()``.
+        weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        weighting: Weighting | None = None,
+        foreach: bool | None = None,
+        track_cosines: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
+        if optimizer is None:
+            raise TypeError("`optimizer` should be the outer torch.optim.Optimizer. Found None.")
+        self.model = model
+        self.aggregator = GradientAgreementAggregator(
+            model.parameters(), optimizer, weighting=weighting, foreach=foreach,
+            track_cosines=track_cosines,
+        )
+        self.deltas: list[list[Tensor]] = []
+
+    @property
+    def last_weights(self) -> Tensor | None:
+        return self.aggregator.last_weights
+
+    @property
+    def num_recorded(self) -> int:
+        return len(self.deltas)
+
+    def clone(self) -> nn.Module:
+        """A detached copy of the model, to adapt on one task with any inner optimizer."""
+        return copy.deepcopy(self.model)
+
+    def record(self, learner: nn.Module) -> None:
+        """Record one adapted learner: its task vector θ − θ_i."""
+        if not isinstance(learner, nn.Module):
+            raise TypeError(f"`learner` should be a torch.nn.Module. Found `{type(learner).__name__}`.")
+        fast = list(learner.parameters())
+        slow = self.aggregator.params
+        if len(fast) != len(slow) or any(f.shape != s.shape for f, s in zip(fast, slow)):
+            raise ValueError(
+                f"`learner` has parameters of shapes {[tuple(f.shape) for f in fast]}; the "
+                f"wrapped model has {[tuple(s.shape) for s in slow]}. Record a clone()."
+            )
+        with torch.no_grad():
+            self.deltas.append([s.detach() - f.detach() for s, f in zip(slow, fast)])
+
+    def step(self) -> Tensor:
+        """Apply θ ← θ + α Σ w_i (θ_i − θ) through the outer optimizer; return the weights.
+
+        Clears the recorded learners. If it raises, nothing was written and they are kept.
+        """
+        if not self.deltas:
+            raise RuntimeError(
+                "step() found no recorded learner: call record(learner) once per task of "
+                "the meta-batch first."
+            )
+        weights = self.aggregator.step(self.deltas)
+        self.deltas = []
+        return weights

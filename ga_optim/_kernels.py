@@ -34,6 +34,7 @@ __all__ = [
     "PACK_ELEMENTS",
     "SMALL_NUMEL",
     "accumulation_dtype",
+    "agreement_scores_raw",
     "default_foreach",
     "dots_with",
     "gramian",
@@ -98,25 +99,20 @@ def _numels(batch: TaskBatch) -> list[int]:
     return [0 if shape is None else shape.numel() for shape in batch.shapes]
 
 
-def _packed(batch: TaskBatch, pack: list[int], dtype: torch.dtype, cache: bool = True) -> Tensor:
+def _packed(batch: TaskBatch, pack: list[int], dtype: torch.dtype) -> Tensor:
     """The pack's tensors as one ``[N, k]`` matrix in ``dtype`` (``None`` as zeros).
 
-    Cached on the batch, so the weights and the combination share one copy.
+    Built when needed and never kept, so at most one pack (≤ :data:`PACK_ELEMENTS`
+    entries) is alive at a time.
     """
-    key = ("pack", tuple(pack), dtype)
-    if key not in batch.cache:
-        columns = []
-        for p in pack:
-            present = [t for task in batch.tasks if (t := task[p]) is not None]
-            zeros = present[0].new_zeros(present[0].shape) if present else None
-            rows = [zeros if t[p] is None else t[p] for t in batch.tasks]
-            matrix = torch.stack(cast(list[Tensor], rows))
-            columns.append(matrix.reshape(batch.num_tasks, -1).to(dtype))
-        matrix = columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
-        if not cache:
-            return matrix
-        batch.cache[key] = matrix
-    return cast(Tensor, batch.cache[key])
+    columns = []
+    for p in pack:
+        present = [t for task in batch.tasks if (t := task[p]) is not None]
+        zeros = present[0].new_zeros(present[0].shape) if present else None
+        rows = [zeros if t[p] is None else t[p] for t in batch.tasks]
+        matrix = torch.stack(cast(list[Tensor], rows))
+        columns.append(matrix.reshape(batch.num_tasks, -1).to(dtype))
+    return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
 
 
 def _unpack(batch: TaskBatch, pack: list[int], flat: Tensor) -> list[Tensor]:
@@ -132,14 +128,16 @@ def weighted_sum(
     foreach: bool,
     acc_dtype: torch.dtype | None = None,
     out_dtype: bool = False,
+    packing: bool = True,
 ) -> list[Tensor | None]:
     """``Σ_i coeffs[i] · tasks[i][p]`` for every parameter ``p``.
 
     Accumulates in ``acc_dtype`` (default: :func:`accumulation_dtype` of each parameter's
     dtype). With ``out_dtype=True`` the result is cast back to the tasks' dtype. A parameter
-    that no task has gives ``None``.
+    that no task has gives ``None``. ``packing=False`` keeps even small parameters on the
+    foreach lists.
     """
-    plan = _plan(batch, foreach)
+    plan = _plan(batch, foreach and packing)
     out: list[Tensor | None] = [None] * batch.num_params
 
     for pack in plan.packs:
@@ -192,36 +190,54 @@ def _flat(t: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
 
 
 def dots_with(
-    batch: TaskBatch,
-    others: Sequence[Tensor | None],
-    dtype: torch.dtype,
-    scale: float = 1.0,
-    *,
-    foreach: bool = False,
+    batch: TaskBatch, others: Sequence[Tensor | None], dtype: torch.dtype, scale: float = 1.0
 ) -> Tensor:
     """``r_i = Σ_p (scale · tasks[i][p]) · others[p]`` in ``dtype``, shape ``[N]``.
 
-    One BLAS dot per task and (large) parameter, with no temporary beyond an upcast of the
-    task tensor for half-precision inputs (or a scaled copy when ``scale != 1``); one
-    matrix-vector product per pack of small parameters on the foreach path.
+    One BLAS dot per task and parameter, with no temporary beyond an upcast of the task
+    tensor for half-precision inputs (or a scaled copy when ``scale != 1``).
+    """
+    device = next(t.device for t in others if t is not None)
+    rows: list[Tensor] = []
+    for task in batch.tasks:
+        terms = [
+            torch.dot(_flat(vector, dtype, scale), _flat(other, dtype))
+            for vector, other in zip(task, others)
+            if vector is not None and other is not None
+        ]
+        rows.append(
+            torch.stack(terms).sum() if terms else torch.zeros((), dtype=dtype, device=device)
+        )
+    return torch.stack(rows)
+
+
+def agreement_scores_raw(
+    batch: TaskBatch, dtype: torch.dtype, scale: float = 1.0, *, foreach: bool
+) -> Tensor:
+    """``scale² · g_i · Σ_j g_j`` for each task, in ``dtype``: the two passes of Eq. (13).
+
+    On the foreach path each pack of small parameters is built once, used for its sum
+    and its dots, and dropped; large parameters take the task sum then one dot each.
     """
     plan = _plan(batch, foreach)
-    device = next(t.device for t in others if t is not None)
+    device = next(d for d in batch.devices if d is not None)
     scores = torch.zeros(batch.num_tasks, dtype=dtype, device=device)
     for pack in plan.packs:
         matrix = _packed(batch, pack, dtype)
-        vector = torch.cat([others[p].reshape(-1).to(dtype) for p in pack])  # type: ignore[union-attr]
-        scores += (matrix * scale if scale != 1.0 else matrix) @ vector
+        if scale != 1.0:
+            matrix = matrix * scale
+        scores += matrix @ matrix.sum(dim=0)
     if plan.singles:
-        rows: list[Tensor] = []
-        for task in batch.tasks:
-            terms = [
-                torch.dot(_flat(task[p], dtype, scale), _flat(others[p], dtype))  # type: ignore[arg-type]
-                for p in plan.singles
-                if task[p] is not None and others[p] is not None
-            ]
-            rows.append(torch.stack(terms).sum() if terms else scores.new_zeros(()))
-        scores += torch.stack(rows)
+        singles = TaskBatch(
+            tasks=[[task[p] for p in plan.singles] for task in batch.tasks],
+            name=batch.name,
+            shapes=[batch.shapes[p] for p in plan.singles],
+            dtypes=[batch.dtypes[p] for p in plan.singles],
+            devices=[batch.devices[p] for p in plan.singles],
+        )
+        coeffs = [scale] * batch.num_tasks
+        total = weighted_sum(singles, coeffs, foreach=foreach, acc_dtype=dtype, packing=False)
+        scores += dots_with(singles, total, dtype, scale)
     return scores
 
 
@@ -238,6 +254,6 @@ def gramian(batch: TaskBatch, dtype: torch.dtype | None = None) -> Tensor:
     for p in range(batch.num_params):
         if batch.dtypes[p] is None:
             continue
-        matrix = _packed(batch, [p], acc, cache=False)  # one parameter's copy at a time
+        matrix = _packed(batch, [p], acc)  # one parameter's copy at a time
         result += matrix @ matrix.T
     return result

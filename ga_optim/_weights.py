@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._checks import TaskBatch, locate_non_finite
-from ._kernels import accumulation_dtype, default_foreach, dots_with, weighted_sum
+from ._kernels import accumulation_dtype, agreement_scores_raw, default_foreach
 
 __all__ = ["agreement_scores", "signed_normalize", "task_cosines", "uniform_weights"]
 
@@ -74,8 +74,7 @@ def agreement_scores(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor
 def _scores(batch: TaskBatch, scale: float, dtype: torch.dtype, foreach: bool | None) -> Tensor:
     """``scale² · g_i·Σ_j g_j`` accumulated in ``dtype``."""
     use_foreach = default_foreach(batch) if foreach is None else foreach
-    total = weighted_sum(batch, [scale] * batch.num_tasks, foreach=use_foreach, acc_dtype=dtype)
-    return dots_with(batch, total, dtype, scale, foreach=use_foreach)
+    return agreement_scores_raw(batch, dtype, scale, foreach=use_foreach)
 
 
 def signed_normalize(scores: Tensor) -> Tensor:

@@ -17,3 +17,6 @@ pip_install() {
 # torch with a torchvision that imports beside it (learn2learn needs torchvision).
 pip_install "torch==2.14.1" "torchvision==0.29.1"
 pip_install -e ".[dev]"
+# The optional libraries the adapters wrap; their tests must run (CI fails without them).
+pip_install "higher==0.2.1"
+bash scripts/install_learn2learn.sh

@@ -79,13 +79,19 @@ class MetaGradientRecorder:
                     f"model's has {tuple(slow.shape)}. Record a learner cloned from it."
                 )
 
-    def _meta_gradient(self, loss: Tensor, fallback: Sequence[Tensor] | None) -> list[Tensor | None]:
+    def _meta_gradient(
+        self, loss: Tensor, fallback: Sequence[Tensor] | None
+    ) -> list[Tensor | None]:
         """∇_θ loss; with ``fallback`` (first-order loops whose fast weights are detached
         from θ), the gradient with respect to the fast weights instead."""
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
                 "`loss` should be a scalar Tensor (the task's query loss). Found "
-                + (f"shape {tuple(loss.shape)}." if isinstance(loss, Tensor) else f"`{type(loss).__name__}`.")
+                + (
+                    f"shape {tuple(loss.shape)}."
+                    if isinstance(loss, Tensor)
+                    else f"`{type(loss).__name__}`."
+                )
             )
         if not loss.requires_grad:
             raise ValueError(
@@ -93,7 +99,9 @@ class MetaGradientRecorder:
                 "compute it from the adapted learner's forward pass."
             )
         targets = [p for p in self.params if p.requires_grad]
-        grads = torch.autograd.grad(loss, targets, retain_graph=fallback is not None, allow_unused=True)
+        grads = torch.autograd.grad(
+            loss, targets, retain_graph=fallback is not None, allow_unused=True
+        )
         by_param = dict(zip(map(id, targets), grads))
         result = [by_param.get(id(p)) for p in self.params]
         if all(g is None for g in result) and fallback is not None:
@@ -108,7 +116,14 @@ class MetaGradientRecorder:
             )
         return [None if g is None else g.detach() for g in result]
 
-    def record_task(self, loss: Tensor, adapted: Sequence[Tensor], *, fallback: bool = False, what: str = "learner") -> None:
+    def record_task(
+        self,
+        loss: Tensor,
+        adapted: Sequence[Tensor],
+        *,
+        fallback: bool = False,
+        what: str = "learner",
+    ) -> None:
         """Record one task: its meta-gradient ∇_θ L_i(θ_i) and its delta θ − θ_i."""
         adapted = list(adapted)
         self._check_adapted(adapted, what)

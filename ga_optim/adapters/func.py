@@ -56,7 +56,8 @@ def reptile_deltas(params: Mapping[str, Tensor], adapted: Stacked) -> dict[str, 
         if fast.shape[1:] != theta.shape:
             raise ValueError(
                 f"`adapted[{name!r}]` has shape {tuple(fast.shape)}; expected "
-                f"[N, {', '.join(map(str, theta.shape))}] for a parameter of shape {tuple(theta.shape)}."
+                f"[N, {', '.join(map(str, theta.shape))}] for a parameter of shape "
+                f"{tuple(theta.shape)}."
             )
         deltas[name] = theta.detach().unsqueeze(0) - fast.detach()
     return deltas
@@ -86,7 +87,10 @@ class FuncAgreement:
         named = list(model.named_parameters())
         self.names = [name for name, _ in named]
         self.aggregator = GradientAgreementAggregator(
-            [p for _, p in named], optimizer, weighting=weighting, foreach=foreach,
+            [p for _, p in named],
+            optimizer,
+            weighting=weighting,
+            foreach=foreach,
             track_cosines=track_cosines,
         )
 
@@ -104,10 +108,14 @@ class FuncAgreement:
             )
         return stacked_task_vectors(stacked, self.names)
 
-    def aggregate(self, task_vectors: Stacked, *, agreement_vectors: Stacked | None = None) -> dict[str, Tensor]:
+    def aggregate(
+        self, task_vectors: Stacked, *, agreement_vectors: Stacked | None = None
+    ) -> dict[str, Tensor]:
         """Σ_i w_i v_i as ``{name: tensor}``; see :meth:`GradientAgreementAggregator.aggregate`."""
         tasks = self._tasks(task_vectors, "task_vectors")
-        result = self.aggregator.aggregate(tasks, agreement_vectors=self._tasks(agreement_vectors, "agreement_vectors"))
+        result = self.aggregator.aggregate(
+            tasks, agreement_vectors=self._tasks(agreement_vectors, "agreement_vectors")
+        )
         return dict(zip(self.names, result))
 
     def step(self, task_vectors: Stacked, *, agreement_vectors: Stacked | None = None) -> Tensor:
@@ -117,4 +125,6 @@ class FuncAgreement:
         ``step(meta_grads, agreement_vectors=reptile_deltas(params, adapted))``.
         """
         tasks = self._tasks(task_vectors, "task_vectors")
-        return self.aggregator.step(tasks, agreement_vectors=self._tasks(agreement_vectors, "agreement_vectors"))
+        return self.aggregator.step(
+            tasks, agreement_vectors=self._tasks(agreement_vectors, "agreement_vectors")
+        )

@@ -4,7 +4,8 @@
 
     agree = AgreementHigher(model, meta_opt)
     for task in meta_batch:
-        with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+        ctx = higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False)
+        with ctx as (fmodel, diffopt):
             for _ in range(inner_steps):
                 diffopt.step(support_loss(fmodel))
             agree.backward(query_loss(fmodel), fmodel)   # was: query_loss.backward()
@@ -61,8 +62,12 @@ class AgreementHigher:
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
         self.model = model
         self.recorder = MetaGradientRecorder(
-            model.parameters(), optimizer, weighting=weighting, agreement_on=agreement_on,
-            foreach=foreach, track_cosines=track_cosines,
+            model.parameters(),
+            optimizer,
+            weighting=weighting,
+            agreement_on=agreement_on,
+            foreach=foreach,
+            track_cosines=track_cosines,
         )
 
     @property

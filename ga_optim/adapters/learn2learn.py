@@ -75,8 +75,12 @@ class AgreementMAML:
             )
         self.maml = maml
         self.recorder = MetaGradientRecorder(
-            maml.parameters(), optimizer, weighting=weighting, agreement_on=agreement_on,
-            foreach=foreach, track_cosines=track_cosines,
+            maml.parameters(),
+            optimizer,
+            weighting=weighting,
+            agreement_on=agreement_on,
+            foreach=foreach,
+            track_cosines=track_cosines,
         )
 
     @property
@@ -98,7 +102,12 @@ class AgreementMAML:
                 f"`learner` should be a clone of the wrapped {type(self.maml).__name__}. "
                 f"Found `{type(learner).__name__}`."
             )
-        self.recorder.record_task(loss, list(learner.parameters()))
+        adapted = list(learner.module.parameters())
+        if isinstance(learner, l2l.algorithms.MetaSGD):
+            # A MetaSGD clone's learning rates are plain tensors, not parameters; the inner
+            # loop does not change them, so their delta is zero.
+            adapted += list(learner.lrs)
+        self.recorder.record_task(loss, adapted)
 
     def step(self) -> Tensor:
         """Weight the recorded tasks, write Σ w_i ∇_i into ``.grad``, step; return the weights."""

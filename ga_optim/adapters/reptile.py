@@ -53,7 +53,10 @@ class AgreementReptile:
             raise TypeError("`optimizer` should be the outer torch.optim.Optimizer. Found None.")
         self.model = model
         self.aggregator = GradientAgreementAggregator(
-            model.parameters(), optimizer, weighting=weighting, foreach=foreach,
+            model.parameters(),
+            optimizer,
+            weighting=weighting,
+            foreach=foreach,
             track_cosines=track_cosines,
         )
         self.deltas: list[list[Tensor]] = []
@@ -73,7 +76,9 @@ class AgreementReptile:
     def record(self, learner: nn.Module) -> None:
         """Record one adapted learner: its task vector θ − θ_i."""
         if not isinstance(learner, nn.Module):
-            raise TypeError(f"`learner` should be a torch.nn.Module. Found `{type(learner).__name__}`.")
+            raise TypeError(
+                f"`learner` should be a torch.nn.Module. Found `{type(learner).__name__}`."
+            )
         fast = list(learner.parameters())
         slow = self.aggregator.params
         if len(fast) != len(slow) or any(f.shape != s.shape for f, s in zip(fast, slow)):

@@ -1,12 +1,9 @@
-"""Shared test configuration: hypothesis profiles and the optional-library rule."""
+"""Shared test configuration: the hypothesis profiles (derandomized under CI)."""
 
 from __future__ import annotations
 
-import importlib
 import os
-from types import ModuleType
 
-import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -27,13 +24,3 @@ settings.register_profile(
 settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
 )
-
-
-def require(module: str, install: str) -> ModuleType:
-    """Import an optional library: skip without it on a laptop, fail under CI=true."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{module} is required under CI ({error}); install it with: {install}")
-        pytest.skip(f"{module} is not installed; install it with: {install}")

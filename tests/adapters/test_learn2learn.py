@@ -112,7 +112,7 @@ def test_agreement_maml_errors() -> None:
     with pytest.raises(ValueError, match=r"`agreement_on` should be 'deltas'"):
         AgreementMAML(maml, opt, agreement_on="grads")  # type: ignore[arg-type]
     other = l2l.algorithms.MAML(nn.Linear(2, 3).double(), lr=0.1).clone()
-    xs, ys, xq, yq = make_tasks(7, 1)[0]
+    _, _, xq, _ = make_tasks(7, 1)[0]
     with pytest.raises(ValueError, match=r"`learner` has 2 parameters; the wrapped model has 4"):
         agree.backward(other(torch.ones(1, 2, dtype=torch.float64)).sum(), other)
     learner = agree.clone()
@@ -177,8 +177,8 @@ def test_reptile_with_mean_reproduces_the_stock_reptile_loop() -> None:
             inner.zero_grad()
             mse(learner(xs), ys).backward()
             inner.step()
-        for p, l in zip(stock.parameters(), learner.parameters()):
-            p.grad.add_(p.data - l.data)
+        for p, fast in zip(stock.parameters(), learner.parameters()):
+            p.grad.add_(p.data - fast.data)
     for p in stock.parameters():
         p.grad.mul_(1.0 / len(tasks))
     opt.step()

@@ -8,8 +8,10 @@ As in ``torch.optim``, two paths are chosen by a ``foreach`` flag and must agree
 float64:
 
 * the per-tensor path: a readable loop, one ``add_`` / ``dot`` per task and parameter;
-* the foreach path: large parameters go through ``torch._foreach_add_`` over lists of
-  tensors, one BLAS dot per task and parameter, never a flat ``N × P`` copy of the model.
+* the foreach path: medium parameters go through ``torch._foreach_add_`` over lists of
+  tensors, one BLAS dot per task and parameter, never a flat ``N × P`` copy of the model;
+  parameters above :data:`LARGE_NUMEL` elements are summed parameter by parameter, so
+  their output stays in cache across the tasks (measured faster at P = 1e7).
   Small parameters (at most :data:`SMALL_NUMEL` elements), where per-call overhead and
   not memory dominates, are packed per dtype and device into ``[N, k]`` matrices of at
   most :data:`PACK_ELEMENTS` entries and handled by one matmul each (measured in
@@ -31,6 +33,7 @@ from torch import Tensor
 from ._checks import TaskBatch
 
 __all__ = [
+    "LARGE_NUMEL",
     "PACK_ELEMENTS",
     "SMALL_NUMEL",
     "accumulation_dtype",
@@ -45,6 +48,9 @@ __all__ = [
 SMALL_NUMEL = 1 << 14
 #: A pack holds at most this many entries (N × its elements): 4 MiB in float32.
 PACK_ELEMENTS = 1 << 20
+#: Parameters above this many elements are summed parameter by parameter even on the foreach
+#: path: one output stays in cache across the N tasks, and per-call overhead is negligible.
+LARGE_NUMEL = 1 << 20
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -154,11 +160,14 @@ def weighted_sum(
         assert first is not None
         out[p] = torch.mul(first.to(acc_dtype or accumulation_dtype(first.dtype)), coeffs[f])
 
-    if foreach:
+    numels = _numels(batch)
+    lists = [p for p in plan.singles if foreach and numels[p] <= LARGE_NUMEL]
+    loops = [p for p in plan.singles if not (foreach and numels[p] <= LARGE_NUMEL)]
+    if lists:
         for i in range(batch.num_tasks):
             index = [
                 p
-                for p in plan.singles
+                for p in lists
                 if i > plan.firsts[p] and batch.tasks[i][p] is not None  # type: ignore[operator]
             ]
             if index:
@@ -167,14 +176,13 @@ def weighted_sum(
                     [batch.tasks[i][p] for p in index],  # type: ignore[misc]
                     alpha=coeffs[i],
                 )
-    else:
-        for p in plan.singles:
-            total = out[p]
-            assert total is not None
-            for i in range(plan.firsts[p] + 1, batch.num_tasks):  # type: ignore[operator]
-                vector = batch.tasks[i][p]
-                if vector is not None:
-                    total.add_(vector, alpha=coeffs[i])
+    for p in loops:
+        total = out[p]
+        assert total is not None
+        for i in range(plan.firsts[p] + 1, batch.num_tasks):  # type: ignore[operator]
+            vector = batch.tasks[i][p]
+            if vector is not None:
+                total.add_(vector, alpha=coeffs[i])
 
     if out_dtype:
         out = [

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ga_optim._checks import as_task_batch
-from ga_optim._kernels import accumulation_dtype, dots_with, gramian, weighted_sum
+from ga_optim._kernels import (
+    LARGE_NUMEL,
+    SMALL_NUMEL,
+    accumulation_dtype,
+    agreement_scores_raw,
+    dots_with,
+    gramian,
+    weighted_sum,
+)
 from ga_optim.testing import reference_gramian, task_batches
 
 
@@ -61,3 +70,31 @@ def test_gramian_kernel_matches_reference(batch: list[list[torch.Tensor]]) -> No
     torch.testing.assert_close(
         got, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max() + 1e-300)
     )
+
+
+@pytest.mark.parametrize(
+    "numel",
+    [100, SMALL_NUMEL + 1, LARGE_NUMEL + 1],
+    ids=["packed", "foreach-lists", "parameter-major"],
+)
+def test_each_size_regime_matches_the_per_tensor_path(numel: int) -> None:
+    gen = torch.Generator().manual_seed(numel)
+    batch = [
+        [
+            torch.randn(numel, generator=gen, dtype=torch.float64),
+            torch.randn(3, generator=gen, dtype=torch.float64),
+        ]
+        for _ in range(3)
+    ]
+    checked = as_task_batch(batch)
+    coeffs = [0.5, -2.0, 1.5]
+    fast = weighted_sum(checked, coeffs, foreach=True)
+    slow = weighted_sum(checked, coeffs, foreach=False)
+    for p in range(2):
+        expected = sum(c * task[p] for c, task in zip(coeffs, batch))
+        torch.testing.assert_close(fast[p], expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(slow[p], expected, rtol=1e-12, atol=1e-12)
+    scores = agreement_scores_raw(checked, torch.float64, foreach=True)
+    total = sum(torch.cat([t for t in task]) for task in batch)
+    expected_scores = torch.stack([torch.cat([t for t in task]) @ total for task in batch])
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-10, atol=1e-10)

@@ -99,10 +99,17 @@ class MetaGradientRecorder:
                 "compute it from the adapted learner's forward pass."
             )
         targets = [p for p in self.params if p.requires_grad]
-        grads = torch.autograd.grad(
-            loss, targets, retain_graph=fallback is not None, allow_unused=True
-        )
-        by_param = dict(zip(map(id, targets), grads))
+        # The stock loop's own path (loss.backward() into .grad), with each .grad swapped
+        # out and back, so this task's gradient stays apart and nothing else changes.
+        saved = [p.grad for p in targets]
+        for p in targets:
+            p.grad = None
+        try:
+            torch.autograd.backward(loss, inputs=targets, retain_graph=fallback is not None)
+            by_param = {id(p): p.grad for p in targets}
+        finally:
+            for p, grad in zip(targets, saved):
+                p.grad = grad
         result = [by_param.get(id(p)) for p in self.params]
         if all(g is None for g in result) and fallback is not None:
             fast = [t for t in fallback if t.requires_grad]

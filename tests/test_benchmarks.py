@@ -1,0 +1,53 @@
+"""The benchmark scripts run in their quick modes and print complete tables (no timing asserts)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests._optional import require
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _table_rows(script: str) -> list[list[str]]:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    rows = [
+        line.strip("|").split("|") for line in result.stdout.splitlines() if line.startswith("| ")
+    ]
+    return [[cell.strip() for cell in row] for row in rows[1:]]  # drop the header
+
+
+def test_aggregate_benchmark_quick() -> None:
+    rows = _table_rows("aggregate.py")
+    assert [(r[0], r[1]) for r in rows] == [
+        (n, p) for p in ("1e+03", "1e+04") for n in ("5", "10", "32")
+    ]
+    for row in rows:
+        numbers = [float(cell) for cell in row[2:]]
+        assert all(math.isfinite(x) and x >= 0 for x in numbers)
+        # The memory column is measured, not assumed: the output alone is 1 buffer, but at
+        # these tiny sizes pages and the small-parameter pack dominate, so only a bound.
+        assert numbers[-1] < 1000
+
+
+def test_adapters_benchmark_quick() -> None:
+    require("learn2learn", "bash scripts/install_learn2learn.sh")
+    rows = _table_rows("adapters.py")
+    assert [r[0] for r in rows] == [
+        "omniglot conv4, 5-way 1-shot, 1 step",
+        "sine MLP, 10 shots, 5 steps",
+    ]
+    for row in rows:
+        assert all(float(cell) > 0 for cell in row[3:6])
+        assert all(re.fullmatch(r"[+-]\d+\.\d % \[[+-]\d+\.\d, [+-]\d+\.\d\]", c) for c in row[6:8])

@@ -5,13 +5,21 @@ private.
 """
 
 from ._aggregator import AgreementDiagnostics, GradientAgreementAggregator
-from ._weightings import Agreement, Mean, NonNegativeAgreement, Weighting, agreement_weights
+from ._weightings import (
+    Agreement,
+    CosineAgreement,
+    Mean,
+    NonNegativeAgreement,
+    Weighting,
+    agreement_weights,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Agreement",
     "AgreementDiagnostics",
+    "CosineAgreement",
     "GradientAgreementAggregator",
     "Mean",
     "NonNegativeAgreement",

@@ -14,7 +14,12 @@ from torch import Tensor
 
 from ._checks import TaskBatch, as_task_batch, check_gramian, locate_non_finite
 from ._kernels import accumulation_dtype, gramian
-from ._weights import agreement_scores, signed_normalize, uniform_weights
+from ._weights import (
+    agreement_scores,
+    cosine_agreement_scores,
+    signed_normalize,
+    uniform_weights,
+)
 
 __all__ = ["Agreement", "Mean", "NonNegativeAgreement", "Weighting", "agreement_weights"]
 
@@ -192,3 +197,34 @@ def agreement_weights(
         Meta-Learning*, 2018, Eq. (13) and Algorithm 1, line 8.
     """
     return Agreement().weights(task_vectors, gramian=gramian, foreach=foreach)
+
+
+class CosineAgreement(Agreement):
+    r"""Scale-free agreement: the paper's weights computed on unit-normalised task vectors.
+
+    .. math::
+
+        \hat g_i = g_i / \lVert g_i\rVert,\qquad
+        w_i = \frac{\sum_j \hat g_i^\top \hat g_j}
+                   {\sum_k \left|\sum_j \hat g_k^\top \hat g_j\right|}
+
+    The paper's :math:`w_i \propto g_i^\top \bar g` grows with the square of a task's update
+    norm, so tasks with large updates (large-amplitude sine waves, say) dominate the batch;
+    here only directions count. When the unit vectors sum to (numerically) zero, the
+    weights are uniform. Not in the paper: an opt-in variant, ablated in
+    ``docs/RESULTS.md``. A zero vector counts as a zero direction. Unlike the paper's
+    weights, the combined update may oppose the mean of the raw vectors.
+    """
+
+    def from_gramian(self, gramian: Tensor) -> Tensor:
+        norms = gramian.diagonal().clamp(min=0).sqrt()
+        inverse = torch.where(norms > 0, 1.0 / norms.clamp(min=torch.finfo(norms.dtype).tiny), 0.0)
+        unit = gramian * inverse[:, None] * inverse[None, :]
+        # ‖Σ ĝ‖² = 1ᵀĜ1 sums N² rounded entries: below 4·N²·eps it is rounding noise.
+        n = gramian.shape[0]
+        if float(unit.sum()) <= 4 * n * n * torch.finfo(unit.dtype).eps:
+            return torch.full((n,), 1.0 / n, dtype=unit.dtype, device=unit.device)
+        return super().from_gramian(unit)
+
+    def _from_batch(self, batch: TaskBatch, *, foreach: bool | None) -> Tensor:
+        return self._normalize(cosine_agreement_scores(batch, foreach=foreach))

@@ -8,9 +8,19 @@ import torch
 from torch import Tensor
 
 from ._checks import TaskBatch, locate_non_finite
-from ._kernels import accumulation_dtype, agreement_scores_raw, default_foreach
+from ._kernels import (
+    accumulation_dtype,
+    agreement_scores_raw,
+    default_foreach,
+)
 
-__all__ = ["agreement_scores", "signed_normalize", "task_cosines", "uniform_weights"]
+__all__ = [
+    "agreement_scores",
+    "cosine_agreement_scores",
+    "signed_normalize",
+    "task_cosines",
+    "uniform_weights",
+]
 
 
 def _batch_dtype_device(batch: TaskBatch) -> tuple[torch.dtype, torch.device]:
@@ -90,6 +100,90 @@ def signed_normalize(scores: Tensor) -> Tensor:
     return scores / denominator
 
 
+def _norm64(t: Tensor) -> Tensor:
+    """``‖t‖`` in float64, exact in range: squares of entries below ~1e-154 underflow, so
+    such a tensor is first divided by its largest magnitude."""
+    norm: Tensor = torch.linalg.vector_norm(t, dtype=torch.float64)
+    if 1e-140 < float(norm) < 1e140:
+        return norm
+    largest = t.abs().max().double()
+    if largest == 0:
+        return norm
+    rescaled: Tensor = torch.linalg.vector_norm(t.double() / largest)
+    return largest * rescaled
+
+
+def _task_norms(batch: TaskBatch, scale: float) -> Tensor:
+    """``‖scale · g_i‖`` for each task, in float64."""
+    _, device = _batch_dtype_device(batch)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    norms = []
+    for task in batch.tasks:
+        parts = [_norm64(t) * scale for t in task if t is not None and t.numel()]
+        norms.append(_norm64(torch.stack(parts)) if parts else zero)
+    return torch.stack(norms)
+
+
+def _times_power_of_two(t: Tensor, exponent: int) -> Tensor:
+    """``t · 2**exponent`` in float64, exactly (in steps, so the factor never overflows)."""
+    result = t.double()
+    while exponent:
+        step = max(-1000, min(1000, exponent))
+        result = result * math.ldexp(1.0, step)
+        exponent -= step
+    return result
+
+
+def _unit_direction(task: list[Tensor | None]) -> list[Tensor | None] | None:
+    """``g / ‖g‖`` per parameter in float64 (None for a task whose vector is zero).
+
+    The task is first brought to unit magnitude by an exact power of two, so its norm
+    neither over- nor underflows whatever its scale (subnormal entries included).
+    """
+    present = [t for t in task if t is not None and t.numel()]
+    largest = max((float(t.abs().max()) for t in present), default=0.0)
+    if largest == 0.0:
+        return None
+    exponent = -math.frexp(largest)[1]
+    scaled = [None if t is None else _times_power_of_two(t, exponent) for t in task]
+    norm = math.sqrt(sum(float((u * u).sum()) for u in scaled if u is not None))
+    return [None if u is None else u / norm for u in scaled]
+
+
+def cosine_agreement_scores(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor:
+    """``ĝ_i · Σ_j ĝ_j`` with ``ĝ_i = g_i / ‖g_i‖`` (0 for a zero vector), in O(N·P).
+
+    Two passes, one task's float64 unit vector alive at a time beside the sum: exact in
+    range for any magnitudes. A sum of unit vectors below ``4·N²·eps`` (rounding noise,
+    e.g. exactly opposite directions) counts as zero: all scores 0, hence uniform weights.
+    ``foreach`` is accepted for symmetry with :func:`agreement_scores` and unused.
+    """
+    dtype, device = _batch_dtype_device(batch)
+    n = batch.num_tasks
+    total: list[Tensor | None] = [None] * batch.num_params
+    for task in batch.tasks:
+        unit = _unit_direction(task)
+        for p, u in enumerate(unit or []):
+            if u is not None:
+                current = total[p]
+                total[p] = u if current is None else current.add_(u)
+    present = [t for t in total if t is not None]
+    total_norm = math.sqrt(sum(float((t * t).sum()) for t in present))
+    if total_norm <= 4 * n * n * torch.finfo(torch.float64).eps:
+        return torch.zeros(n, dtype=dtype, device=device)
+    scores = []
+    for task in batch.tasks:
+        unit = _unit_direction(task) or []
+        scores.append(
+            sum(
+                float(torch.dot(u.reshape(-1), s.reshape(-1)))
+                for u, s in zip(unit, total)
+                if u is not None and s is not None
+            )
+        )
+    return torch.tensor(scores, dtype=torch.float64, device=device).to(dtype)
+
+
 def task_cosines(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor:
     """``cos(g_i, ḡ)`` for each task, in float64; 0 for a zero vector or a zero mean.
 
@@ -101,21 +195,7 @@ def task_cosines(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor:
     if scale == 0.0:
         return torch.zeros(batch.num_tasks, dtype=torch.float64, device=device)
     scores = _scores(batch, scale, torch.float64, foreach)
-    norms = torch.stack(
-        [
-            torch.linalg.vector_norm(
-                torch.stack(
-                    [
-                        torch.linalg.vector_norm(t, dtype=torch.float64) * scale
-                        for t in task
-                        if t is not None
-                    ]
-                    or [torch.zeros((), dtype=torch.float64, device=device)]
-                )
-            )
-            for task in batch.tasks
-        ]
-    )
+    norms = _task_norms(batch, scale)
     denominator = norms * scores.sum().clamp(min=0).sqrt()
     safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
     return torch.where(denominator > 0, scores / safe, torch.zeros_like(scores)).clamp(-1.0, 1.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 
-from ga_optim import Agreement, Mean, NonNegativeAgreement, Weighting
+from ga_optim import Agreement, CosineAgreement, Mean, NonNegativeAgreement, Weighting
 from ga_optim.testing import (
     assert_identical_tasks_uniform,
     assert_weighting_invariants,
@@ -99,3 +99,60 @@ def test_custom_weighting_identical_tasks() -> None:
 def test_custom_weighting_rejects_non_finite() -> None:
     with pytest.raises(ValueError, match=r"`task_vectors\[1\]\[0\]` should be finite"):
         SoftmaxAgreement().weights([[torch.ones(2)], [torch.tensor([float("inf"), 0.0])]])
+
+
+def _unit_rows(batch: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    out = []
+    for task in batch:
+        largest = max(float(t.abs().max()) for t in task) or 1.0
+        task = [t.double() / largest for t in task]  # so the squares cannot underflow
+        norm = torch.sqrt(sum((t**2).sum() for t in task))
+        out.append([t.double() / norm if norm > 0 else t.double() * 0 for t in task])
+    return out
+
+
+@given(task_batches(scales=(1e-3, 1.0, 1e3)))
+def test_cosine_matches_normalized_reference(batch: list[list[torch.Tensor]]) -> None:
+    weights = CosineAgreement().weights(batch)
+    unit_rows = _unit_rows(batch)
+    expected = reference_agreement_weights(unit_rows)
+    unit_sum = torch.stack([torch.cat([t.reshape(-1) for t in task]) for task in unit_rows]).sum(0)
+    noise_floor = 4 * len(batch) ** 2 * torch.finfo(torch.float64).eps
+    largest = max(float(t.abs().max()) for task in batch for t in task) or 1.0
+    unit = [[t / largest for t in task] for task in batch]  # so float64's Gramian cannot underflow
+    gram = reference_gramian(unit)
+    from_gramian = CosineAgreement().weights(gramian=gram)
+    nonzero = torch.tensor([any(bool(t.any()) for t in task) for task in batch])
+    # A Gramian cannot hold a task whose squared norm underflows beside the largest one's.
+    gram_ok = bool((gram.diagonal()[nonzero] > 1e-290).all())
+    uniform = torch.full_like(weights, 1 / len(batch))
+    # Compare values only where Σ ĝ stands clear of each path's rounding noise: ~N·eps for
+    # the vectors, ~N·sqrt(eps) for the Gramian (its squared norm sums N² rounded entries).
+    if float(unit_sum.norm()) > 1e3 * noise_floor:
+        torch.testing.assert_close(weights, expected, atol=1e-9, rtol=0)
+    if gram_ok and float(unit_sum.norm()) ** 2 > 1e3 * noise_floor:
+        torch.testing.assert_close(from_gramian, expected, atol=1e-6, rtol=0)
+    if float(unit_sum.norm()) == 0.0:  # the directions cancel exactly: uniform
+        torch.testing.assert_close(weights, uniform)
+        if gram_ok:
+            torch.testing.assert_close(from_gramian, uniform)
+    assert_weighting_invariants(CosineAgreement(), batch, aligned=False)
+
+
+def test_cosine_ignores_each_tasks_own_scale() -> None:
+    # The paper's weights favour a task whose update is 100× larger; cosine weights do not.
+    torch.manual_seed(40)
+    base = torch.randn(4, 6, dtype=torch.float64) + 1.0
+    scaled = base.clone()
+    scaled[0] *= 100.0
+    torch.testing.assert_close(CosineAgreement().weights(scaled), CosineAgreement().weights(base))
+    assert Agreement().weights(scaled)[0] > 0.9 > Agreement().weights(base)[0]
+
+
+def test_cosine_golden_and_zero_vector() -> None:
+    # Unit vectors (1,0), (0,1), (-1,0): sum (0,1) → scores (0, 1, 0) → w = (0, 1, 0).
+    g = torch.tensor([[3.0, 0.0], [0.0, 0.5], [-2.0, 0.0]], dtype=torch.float64)
+    assert CosineAgreement().weights(g).tolist() == pytest.approx([0.0, 1.0, 0.0])
+    # A zero task is a zero direction: weight 0 (unit vectors (1,0),(1,0) give 1/2 each).
+    g0 = torch.tensor([[2.0, 0.0], [0.0, 0.0], [5.0, 0.0]], dtype=torch.float64)
+    assert CosineAgreement().weights(g0).tolist() == pytest.approx([0.5, 0.0, 0.5])

@@ -1,20 +1,35 @@
-"""Sine-wave regression: Reptile with and without gradient agreement (the README's main job).
+"""Sine-wave regression: Reptile and MAML with and without gradient agreement.
 
-Tasks as in Eshratifar, Eigen & Pedram (2018), Section 4.1: y = a·sin(x + b) with
-a ~ U[0.1, 5], b ~ U[0, 2π], x ~ U[-5, 5]; an MLP 1→64→64→1 (tanh). Each meta-iteration
-samples N tasks; every task adapts a copy of θ by 5 SGD steps on 5 minibatches of 10 of
-its 50 points (Reptile), and ``GradientAgreementAggregator.step`` applies
-θ ← θ + α Σ w_i (θ_i − θ) through an SGD outer optimizer (α annealed linearly to 0).
-The N tasks are adapted together: each parameter carries a leading task dimension and the
-forward pass is a batched matmul.
+The README's main job, and the sine experiment of Eshratifar, Eigen & Pedram (2018),
+Section 4.1: y = a·sin(x + b), a ~ U[0.1, 5], b ~ U[0, 2π], x ~ U[-5, 5]; an MLP
+1→64→64→1 (tanh).
 
-Evaluation: 1000 unseen tasks from a fixed seed (the same for every run); fine-tune the
-learned θ on K = 10 points with SGD (lr 0.02) for 5 and 32 steps; MSE on 100 evenly spaced
-points over [-5, 5]; mean ± 95 % CI over tasks, then over seeds. Every weighting sees the
-same seeds, the same task stream and the same budget.
+Algorithms (each with every requested weighting, on identical seeds, tasks and budget):
 
-    python examples/sine_regression.py --out results/sine            # default run
-    python examples/sine_regression.py --quick --out /tmp/sine       # seconds, for CI
+* ``reptile``: each task adapts a copy of θ by 5 SGD steps (lr 0.02) on 5 minibatches of
+  10 of its 50 points; ``GradientAgreementAggregator.step`` applies
+  θ ← θ + α Σ w_i (θ_i − θ) through SGD, α = ``--outer-lr`` annealed linearly to 0
+  (Algorithm 1, line 10);
+* ``maml`` / ``fomaml``: 5 SGD steps (lr 0.02) on 10 support points, the query loss on 10
+  other points; θ ← θ − β Σ w_i ∇L_i(θ_i) through Adam (lr 1e-3 annealed to 0), second or
+  first order (Algorithm 1, line 9).
+
+Weightings: ``mean`` (plain batched Reptile/MAML), ``agreement`` (the paper's Eq. 13, for
+MAML measured on the inner-loop deltas θ − θ_i as in Algorithm 1, lines 7–9),
+``agreement_meta`` (MAML only: measured on the meta-gradients instead), ``nonnegative``
+and ``cosine`` (the library's opt-in variants).
+
+The N tasks of a meta-batch are adapted together: every parameter carries a leading task
+dimension and the forward pass is a batched matmul. Seeds run in parallel processes.
+
+Evaluation: 1000 unseen tasks from a fixed seed (the same for every run); fine-tune θ on
+K = 10 points with SGD (lr 0.02) for 5 and 32 steps; MSE on 100 evenly spaced points over
+[-5, 5]; mean ± 95 % CI over tasks per seed, and over seeds.
+
+    python examples/sine_regression.py --out results/sine             # the default run
+    python examples/sine_regression.py --quick --out /tmp/sine        # seconds, for CI
+    python examples/sine_regression.py --algorithms reptile maml fomaml \\
+        --weightings mean agreement nonnegative cosine agreement_meta --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -22,35 +37,57 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ga_optim import Agreement, GradientAgreementAggregator, Mean, NonNegativeAgreement, Weighting
+from ga_optim import (
+    Agreement,
+    CosineAgreement,
+    GradientAgreementAggregator,
+    Mean,
+    NonNegativeAgreement,
+    Weighting,
+)
 
 WEIGHTINGS: dict[str, type[Weighting]] = {
     "mean": Mean,
     "agreement": Agreement,
+    "agreement_meta": Agreement,
     "nonnegative": NonNegativeAgreement,
+    "cosine": CosineAgreement,
 }
+ALGORITHMS = ("reptile", "maml", "fomaml")
 
 
 @dataclass(frozen=True)
 class Config:
+    algorithm: str = "reptile"
     iterations: int = 10_000
     meta_batch: int = 10
     inner_steps: int = 5
-    inner_batch: int = 10
+    inner_batch: int = 10  # Reptile: points per inner step (5 steps over 50 points)
     inner_lr: float = 0.02
-    outer_lr: float = 0.1
+    outer_lr: float = 0.1  # Reptile: SGD α; MAML: Adam β (default 1e-3, see for_algorithm)
+    shots: int = 10  # MAML support (and query) points per task
     eval_tasks: int = 1000
     eval_shots: int = 10
     eval_steps: tuple[int, ...] = (5, 32)
     eval_seed: int = 12345
+
+    @staticmethod
+    def for_algorithm(algorithm: str, **overrides: Any) -> Config:
+        defaults: dict[str, Any] = {"algorithm": algorithm}
+        if algorithm != "reptile":
+            defaults.update(iterations=8_000, outer_lr=1e-3)
+        defaults.update({k: v for k, v in overrides.items() if v is not None})
+        return Config(**defaults)
 
 
 # -- tasks and the batched MLP -------------------------------------------------------------
@@ -84,6 +121,11 @@ def forward(params: list[Tensor], x: Tensor) -> Tensor:
     return torch.baddbmm(b3, h, w3)
 
 
+def task_losses(params: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+    """Per-task MSE [n]; their sum keeps each task's gradient its own."""
+    return ((forward(params, x) - y) ** 2).mean(dim=(1, 2))
+
+
 def adapt(
     params: list[Tensor], x: Tensor, y: Tensor, steps: int, lr: float, batch: int | None
 ) -> list[Tensor]:
@@ -96,37 +138,83 @@ def adapt(
         else:
             start = (step * batch) % points
             xb, yb = x[:, start : start + batch], y[:, start : start + batch]
-        # Summing the per-task means keeps each task's gradient its own.
-        loss = ((forward(fast, xb) - yb) ** 2).mean(dim=(1, 2)).sum()
-        grads = torch.autograd.grad(loss, fast)
+        grads = torch.autograd.grad(task_losses(fast, xb, yb).sum(), fast)
         with torch.no_grad():
             for p, g in zip(fast, grads):
                 p.sub_(lr * g)
     return [p.detach() for p in fast]
 
 
+def _per_task(stacked: list[Tensor]) -> list[list[Tensor]]:
+    """[N, ...] per parameter → N per-task lists of views."""
+    return [list(row) for row in zip(*(t.unbind(0) for t in stacked))]
+
+
+# -- one meta-iteration of each algorithm --------------------------------------------------
+
+
+def reptile_step(
+    theta: list[Tensor], aggregator: GradientAgreementAggregator, cfg: Config, gen: torch.Generator
+) -> Tensor:
+    _, _, x, y = sample_tasks(cfg.meta_batch, cfg.inner_steps * cfg.inner_batch, gen)
+    batched = [p.detach().unsqueeze(0).expand(cfg.meta_batch, *p.shape) for p in theta]
+    adapted = adapt(batched, x, y, cfg.inner_steps, cfg.inner_lr, cfg.inner_batch)
+    deltas = [b - a for b, a in zip(batched, adapted)]  # g_i = θ − θ_i
+    return aggregator.step(_per_task(deltas))
+
+
+def maml_step(
+    theta: list[Tensor],
+    aggregator: GradientAgreementAggregator,
+    cfg: Config,
+    gen: torch.Generator,
+    on_meta_gradients: bool,
+) -> Tensor:
+    _, _, x, y = sample_tasks(cfg.meta_batch, 2 * cfg.shots, gen)
+    xs, ys, xq, yq = x[:, : cfg.shots], y[:, : cfg.shots], x[:, cfg.shots :], y[:, cfg.shots :]
+    # One leaf copy of θ per task: the gradient with respect to it is that task's own.
+    start = [
+        p.detach().unsqueeze(0).repeat(cfg.meta_batch, *([1] * p.dim())).requires_grad_()
+        for p in theta
+    ]
+    second_order = cfg.algorithm == "maml"
+    fast = start
+    for _ in range(cfg.inner_steps):
+        grads = torch.autograd.grad(
+            task_losses(fast, xs, ys).sum(), fast, create_graph=second_order
+        )
+        fast = [w - cfg.inner_lr * g for w, g in zip(fast, grads)]
+    meta = torch.autograd.grad(task_losses(fast, xq, yq).sum(), start)
+    deltas = [s.detach() - f.detach() for s, f in zip(start, fast)]
+    agreement = None if on_meta_gradients else _per_task(deltas)
+    return aggregator.step(_per_task([m.detach() for m in meta]), agreement_vectors=agreement)
+
+
 # -- training and evaluation ---------------------------------------------------------------
 
 
 def train(
-    weighting: str, seed: int, cfg: Config, progress: bool = True
+    weighting: str, seed: int, cfg: Config, progress: bool = False
 ) -> tuple[list[Tensor], dict[str, list[float]]]:
-    """Reptile with the given weighting; returns θ and the weight statistics over training."""
+    """Meta-train θ; returns it and the weight statistics over training."""
+    if weighting == "agreement_meta" and cfg.algorithm == "reptile":
+        raise ValueError("`agreement_meta` measures agreement on MAML's meta-gradients.")
     gen = torch.Generator().manual_seed(seed)
     theta = [p.requires_grad_() for p in init_mlp(gen)]
-    outer = torch.optim.SGD(theta, lr=cfg.outer_lr)
+    outer: torch.optim.Optimizer
+    if cfg.algorithm == "reptile":
+        outer = torch.optim.SGD(theta, lr=cfg.outer_lr)
+    else:
+        outer = torch.optim.Adam(theta, lr=cfg.outer_lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(outer, lambda it: 1.0 - it / cfg.iterations)
     aggregator = GradientAgreementAggregator(theta, outer, weighting=WEIGHTINGS[weighting]())
     history: dict[str, list[float]] = {"iteration": [], "min": [], "max": [], "negative_share": []}
-    points = cfg.inner_steps * cfg.inner_batch
-    bar = _progress(cfg.iterations, f"{weighting} seed {seed}") if progress else None
+    bar = _progress(cfg.iterations, f"{cfg.algorithm} {weighting} seed {seed}", progress)
     for iteration in range(cfg.iterations):
-        _, _, x, y = sample_tasks(cfg.meta_batch, points, gen)
-        batched = [p.detach().unsqueeze(0).expand(cfg.meta_batch, *p.shape) for p in theta]
-        adapted = adapt(batched, x, y, cfg.inner_steps, cfg.inner_lr, cfg.inner_batch)
-        # Reptile's task vectors g_i = θ − θ_i, as views of the stacked [N, ...] deltas.
-        deltas = [b - a for b, a in zip(batched, adapted)]
-        weights = aggregator.step([[d[i] for d in deltas] for i in range(cfg.meta_batch)])
+        if cfg.algorithm == "reptile":
+            weights = reptile_step(theta, aggregator, cfg, gen)
+        else:
+            weights = maml_step(theta, aggregator, cfg, gen, weighting == "agreement_meta")
         schedule.step()
         if iteration % max(1, cfg.iterations // 200) == 0:
             history["iteration"].append(iteration)
@@ -146,14 +234,14 @@ def evaluate(theta: list[Tensor], cfg: Config) -> dict[int, list[float]]:
     amplitude, phase, x, y = sample_tasks(cfg.eval_tasks, cfg.eval_shots, gen)
     grid = torch.linspace(-5, 5, 100).view(1, 100, 1).expand(cfg.eval_tasks, 100, 1)
     truth = amplitude * torch.sin(grid + phase)
-    batched = [p.unsqueeze(0).expand(cfg.eval_tasks, *p.shape) for p in theta]
+    current = [p.unsqueeze(0).expand(cfg.eval_tasks, *p.shape) for p in theta]
     results: dict[int, list[float]] = {}
-    done, current = 0, batched
+    done = 0
     for steps in sorted(cfg.eval_steps):
         current = adapt(current, x, y, steps - done, cfg.inner_lr, None)
         done = steps
         with torch.no_grad():
-            results[steps] = ((forward(current, grid) - truth) ** 2).mean(dim=(1, 2)).tolist()
+            results[steps] = task_losses(current, grid, truth).tolist()
     return results
 
 
@@ -165,77 +253,214 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def _progress(total: int, desc: str):  # type: ignore[no-untyped-def]
+def _progress(total: int, desc: str, enabled: bool):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, leave=False, mininterval=1.0)
+    return tqdm(total=total, desc=desc, leave=False, mininterval=2.0)
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
+def run_one(job: tuple[str, int, Config, bool]) -> dict[str, Any]:
+    """Train and evaluate one (weighting, seed): the unit a worker process runs."""
+    weighting, seed, cfg, progress = job
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    theta, history = train(weighting, seed, cfg, progress)
+    errors = evaluate(theta, cfg)
+    return {
+        "algorithm": cfg.algorithm,
+        "weighting": weighting,
+        "seed": seed,
+        "theta": [t.tolist() for t in theta],
+        "history": history,
+        "mse": {str(k): mean_ci(v) for k, v in errors.items()},
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def summarize(runs: list[dict[str, Any]], cfgs: dict[str, Config]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for run in runs:
+        entry = summary.setdefault(run["algorithm"], {}).setdefault(
+            run["weighting"],
+            {
+                "seeds": [],
+                "per_seed_mse": {},
+                "per_seed_task_ci95": {},
+                "seconds": 0.0,
+                "weight_history": [],
+            },
+        )
+        entry["seeds"].append(run["seed"])
+        entry["seconds"] += run["seconds"]
+        entry["weight_history"].append(run["history"])
+        for steps, (mean, ci) in run["mse"].items():
+            entry["per_seed_mse"].setdefault(steps, []).append(mean)
+            entry["per_seed_task_ci95"].setdefault(steps, []).append(ci)
+    for algorithm, by_weighting in summary.items():
+        for entry in by_weighting.values():
+            entry["mean_mse"] = {k: mean_ci(v)[0] for k, v in entry["per_seed_mse"].items()}
+            entry["ci95_over_seeds"] = {k: mean_ci(v)[1] for k, v in entry["per_seed_mse"].items()}
+        by_weighting["config"] = asdict(cfgs[algorithm])
+    return summary
+
+
+def table(summary: dict[str, Any]) -> str:
+    lines = [
+        "| algorithm | weighting | MSE after 5 steps | MSE after 32 steps | seeds | CPU time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for algorithm, by_weighting in summary.items():
+        for weighting, entry in by_weighting.items():
+            if weighting == "config":
+                continue
+            cells = [
+                f"{entry['mean_mse'][s]:.3f} ± {entry['ci95_over_seeds'][s]:.3f}"
+                for s in ("5", "32")
+            ]
+            lines.append(
+                f"| {algorithm} | {weighting} | {cells[0]} | {cells[1]} | "
+                f"{len(entry['seeds'])} | {entry['seconds']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], cfgs: dict[str, Config], out: Path) -> list[Path]:
+    """Figure 1 of the paper (one unseen task: the initialisation before training and
+    after each weighting, each with its fine-tuned fit) and the weights over training."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    first_seed = min(run["seed"] for run in runs)
+    for algorithm, cfg in cfgs.items():
+        chosen = [r for r in runs if r["algorithm"] == algorithm and r["seed"] == first_seed]
+        gen = torch.Generator().manual_seed(cfg.eval_seed + 1)
+        amplitude, phase, x, y = sample_tasks(1, cfg.eval_shots, gen)
+        grid = torch.linspace(-5, 5, 200).view(1, 200, 1)
+        panels = [("before training", init_mlp(torch.Generator().manual_seed(first_seed)))]
+        panels += [(r["weighting"], [torch.tensor(t) for t in r["theta"]]) for r in chosen]
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), sharey=True)
+        for ax, (title, theta) in zip(axes, panels):
+            single = [p.unsqueeze(0) for p in theta]
+            tuned = adapt(single, x, y, 5, cfg.inner_lr, None)
+            with torch.no_grad():
+                ax.plot(
+                    grid[0, :, 0], (amplitude * torch.sin(grid + phase))[0, :, 0], "k", label="true"
+                )
+                ax.plot(grid[0, :, 0], forward(single, grid)[0, :, 0], ":", label="initialisation")
+                ax.plot(grid[0, :, 0], forward(tuned, grid)[0, :, 0], "-", label="after 5 steps")
+            ax.scatter(x[0, :, 0], y[0, :, 0], marker="^", color="C3", label="10 shots")
+            ax.set_title(f"{algorithm}: {title}")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"figure1_{algorithm}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for r in chosen:
+            if r["weighting"] == "mean":
+                continue
+            h = r["history"]
+            ax.plot(h["iteration"], h["min"], label=f"{r['weighting']}: min w")
+            ax.plot(h["iteration"], h["max"], "--", label=f"{r['weighting']}: max w")
+            ax.plot(h["iteration"], h["negative_share"], ":", label=f"{r['weighting']}: share < 0")
+        ax.axhline(1 / cfg.meta_batch, color="k", lw=0.5)
+        ax.set_xlabel("meta-iteration")
+        ax.set_title(f"{algorithm}: task weights over training (seed {first_seed})")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = out / f"weights_{algorithm}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
-        description="Reptile vs agreement-weighted Reptile on sine tasks."
+        description="Reptile / MAML with and without gradient agreement on sine tasks."
     )
     parser.add_argument("--out", type=Path, default=Path("results/sine"))
+    parser.add_argument("--algorithms", nargs="+", default=["reptile"], choices=ALGORITHMS)
     parser.add_argument(
         "--weightings", nargs="+", default=["mean", "agreement"], choices=sorted(WEIGHTINGS)
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--iterations", type=int, default=Config.iterations)
-    parser.add_argument("--meta-batch", type=int, default=Config.meta_batch)
-    parser.add_argument("--outer-lr", type=float, default=Config.outer_lr)
+    parser.add_argument("--iterations", type=int, help="default: 10000 (Reptile), 8000 (MAML)")
+    parser.add_argument("--meta-batch", type=int)
+    parser.add_argument(
+        "--outer-lr", type=float, help="default: 0.1 (Reptile SGD), 1e-3 (MAML Adam)"
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--quick", action="store_true", help="a tiny run (seconds), for CI")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest here)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = Config(iterations=args.iterations, meta_batch=args.meta_batch, outer_lr=args.outer_lr)
-    if args.quick:
-        cfg = Config(
-            iterations=60, meta_batch=args.meta_batch, outer_lr=args.outer_lr, eval_tasks=50
+
+    cfgs = {
+        a: Config.for_algorithm(
+            a, iterations=args.iterations, meta_batch=args.meta_batch, outer_lr=args.outer_lr
         )
+        for a in args.algorithms
+    }
+    if args.quick:
+        cfgs = {a: replace(c, iterations=40, eval_tasks=50) for a, c in cfgs.items()}
         args.seeds = args.seeds[:2]
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    results: dict[str, object] = {"config": asdict(cfg), "seeds": args.seeds, "runs": {}}
-    runs: dict[str, dict[str, object]] = results["runs"]  # type: ignore[assignment]
-    for weighting in args.weightings:
-        per_seed: dict[str, list[float]] = {str(s): [] for s in cfg.eval_steps}
-        ci_per_seed: dict[str, list[float]] = {str(s): [] for s in cfg.eval_steps}
-        histories = []
-        start = time.perf_counter()
-        for seed in args.seeds:
-            theta, history = train(weighting, seed, cfg, progress=not args.quick)
-            for steps, errors in evaluate(theta, cfg).items():
-                mean, ci = mean_ci(errors)
-                per_seed[str(steps)].append(mean)
-                ci_per_seed[str(steps)].append(ci)
-            histories.append(history)
-        summary = {steps: mean_ci(values) for steps, values in per_seed.items()}
-        runs[weighting] = {
-            "per_seed_mse": per_seed,
-            "per_seed_task_ci95": ci_per_seed,
-            "mean_mse": {k: v[0] for k, v in summary.items()},
-            "ci95_over_seeds": {k: v[1] for k, v in summary.items()},
-            "seconds": time.perf_counter() - start,
-            "weight_history": histories,
-        }
-
-    lines = [
-        "| Reptile weighting | MSE, 5 steps | MSE, 32 steps | seeds | time (s) |",
-        "|---|---|---|---|---|",
+    jobs = [
+        (w, s, cfgs[a], not args.quick and args.jobs == 1)
+        for a in args.algorithms
+        for w in args.weightings
+        if not (w == "agreement_meta" and a == "reptile")
+        for s in args.seeds
     ]
-    for weighting, run in runs.items():
-        mean_mse, ci = run["mean_mse"], run["ci95_over_seeds"]  # type: ignore[index]
-        cells = [f"{mean_mse[str(s)]:.3f} ± {ci[str(s)]:.3f}" for s in cfg.eval_steps]  # type: ignore[index]
-        lines.append(
-            f"| {weighting} | {' | '.join(cells)} | {len(args.seeds)} | {run['seconds']:.0f} |"
-        )  # type: ignore[index]
-    table = "\n".join(lines)
-    print(table)
-    (args.out / "table.md").write_text(table + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if args.jobs > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            runs = _with_bar(pool.imap_unordered(run_one, jobs), len(jobs), args.quick)
+    else:
+        runs = _with_bar(map(run_one, jobs), len(jobs), args.quick)
+    runs.sort(
+        key=lambda r: (
+            ALGORITHMS.index(r["algorithm"]),
+            args.weightings.index(r["weighting"]),
+            r["seed"],
+        )
+    )
+
+    summary = summarize(runs, cfgs)
+    text = table(summary)
+    print(text)
+    (args.out / "table.md").write_text(text + "\n")
+    results = {"wall_seconds": time.perf_counter() - started, "results": summary}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    figures = [] if args.quick else plot(runs, cfgs, args.out)
+    for path in figures:
+        print(f"wrote {path}")
     return results
+
+
+def _with_bar(iterator: Any, total: int, quiet: bool) -> list[dict[str, Any]]:
+    bar = _progress(total, "runs (algorithm × weighting × seed)", not quiet)
+    runs = []
+    for run in iterator:
+        runs.append(run)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return runs
 
 
 if __name__ == "__main__":

@@ -29,28 +29,69 @@ def test_sine_quick_run_writes_its_table_and_results(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     try:
         sine.main(
-            ["--quick", "--out", str(tmp_path), "--weightings", "mean", "agreement", "nonnegative"]
-        )
+            [
+                "--quick", "--out", str(tmp_path), "--jobs", "1",
+                "--algorithms", "reptile", "maml",
+                "--weightings", "mean", "agreement", "agreement_meta", "nonnegative",
+            ]
+        )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
     table = (tmp_path / "table.md").read_text()
-    for weighting in ("mean", "agreement", "nonnegative"):
-        run = results["runs"][weighting]
-        five, thirty_two = run["per_seed_mse"]["5"], run["per_seed_mse"]["32"]
-        assert len(five) == len(thirty_two) == len(results["seeds"]) == 2
-        assert all(math.isfinite(v) and v > 0 for v in five + thirty_two)
-        # Fine-tuning longer on the same 10 shots fits the sine better.
-        assert run["mean_mse"]["32"] < run["mean_mse"]["5"]
-        assert f"| {weighting} |" in table
-        negative = [s for h in run["weight_history"] for s in h["negative_share"]]
-        if weighting == "agreement":
-            assert max(negative) > 0  # some tasks fought the batch
-        else:
-            assert max(negative) == 0
-        if weighting == "mean":
-            bounds = [v for h in run["weight_history"] for v in h["min"] + h["max"]]
-            assert bounds == pytest.approx([0.1] * len(bounds))  # float32 1/N
+    assert set(results) == {"reptile", "maml"}
+    assert "agreement_meta" not in results["reptile"]  # MAML only
+    for algorithm, by_weighting in results.items():
+        assert by_weighting["config"]["algorithm"] == algorithm
+        for weighting, run in by_weighting.items():
+            if weighting == "config":
+                continue
+            five, thirty_two = run["per_seed_mse"]["5"], run["per_seed_mse"]["32"]
+            assert len(five) == len(thirty_two) == len(run["seeds"]) == 2
+            assert all(math.isfinite(v) and v > 0 for v in five + thirty_two)
+            # Fine-tuning longer on the same 10 shots fits the sine better.
+            assert run["mean_mse"]["32"] < run["mean_mse"]["5"]
+            assert f"| {algorithm} | {weighting} |" in table
+            negative = [s for h in run["weight_history"] for s in h["negative_share"]]
+            if weighting in ("agreement", "agreement_meta"):
+                assert max(negative) > 0  # some tasks fought the batch
+            else:
+                assert max(negative) == 0
+            if weighting == "mean":
+                bounds = [v for h in run["weight_history"] for v in h["min"] + h["max"]]
+                assert bounds == pytest.approx([0.1] * len(bounds))  # float32 1/N
+
+
+def test_sine_maml_step_gives_per_task_meta_gradients() -> None:
+    # The batched MAML step must give each task the meta-gradient of its own query loss.
+    sine = _load("sine_regression")
+    cfg = sine.Config.for_algorithm("maml", meta_batch=3)
+    theta = [p.requires_grad_() for p in sine.init_mlp(torch.Generator().manual_seed(1))]
+    recorded = {}
+
+    class Recorder:
+        def step(self, tasks, agreement_vectors=None):  # type: ignore[no-untyped-def]
+            recorded["tasks"], recorded["agreement"] = tasks, agreement_vectors
+            return torch.full((3,), 1 / 3)
+
+    gen = torch.Generator().manual_seed(2)
+    sine.maml_step(theta, Recorder(), cfg, gen, on_meta_gradients=False)
+    _, _, x, y = sine.sample_tasks(3, 2 * cfg.shots, torch.Generator().manual_seed(2))
+    for i in range(3):
+        xs, ys = x[i : i + 1, : cfg.shots], y[i : i + 1, : cfg.shots]
+        xq, yq = x[i : i + 1, cfg.shots :], y[i : i + 1, cfg.shots :]
+        start = [p.detach().unsqueeze(0).requires_grad_() for p in theta]
+        fast = start
+        for _ in range(cfg.inner_steps):
+            grads = torch.autograd.grad(
+                sine.task_losses(fast, xs, ys).sum(), fast, create_graph=True
+            )
+            fast = [w - cfg.inner_lr * g for w, g in zip(fast, grads)]
+        meta = torch.autograd.grad(sine.task_losses(fast, xq, yq).sum(), start)
+        for got, want in zip(recorded["tasks"][i], meta):
+            torch.testing.assert_close(got, want[0])
+        for got, s, f in zip(recorded["agreement"][i], start, fast):
+            torch.testing.assert_close(got, (s - f)[0].detach())
 
 
 def test_sine_batched_adaptation_matches_a_per_task_loop() -> None:

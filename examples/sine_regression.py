@@ -195,7 +195,7 @@ def maml_step(
 
 def train(
     weighting: str, seed: int, cfg: Config, progress: bool = False
-) -> tuple[list[Tensor], dict[str, list[float]]]:
+) -> tuple[list[Tensor], dict[str, Any]]:
     """Meta-train θ; returns it and the weight statistics over training."""
     if weighting == "agreement_meta" and cfg.algorithm == "reptile":
         raise ValueError("`agreement_meta` measures agreement on MAML's meta-gradients.")
@@ -208,13 +208,22 @@ def train(
         outer = torch.optim.Adam(theta, lr=cfg.outer_lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(outer, lambda it: 1.0 - it / cfg.iterations)
     aggregator = GradientAgreementAggregator(theta, outer, weighting=WEIGHTINGS[weighting]())
-    history: dict[str, list[float]] = {"iteration": [], "min": [], "max": [], "negative_share": []}
+    history: dict[str, Any] = {"iteration": [], "min": [], "max": [], "negative_share": []}
+    history["diverged_at"] = None
     bar = _progress(cfg.iterations, f"{cfg.algorithm} {weighting} seed {seed}", progress)
     for iteration in range(cfg.iterations):
-        if cfg.algorithm == "reptile":
-            weights = reptile_step(theta, aggregator, cfg, gen)
-        else:
-            weights = maml_step(theta, aggregator, cfg, gen, weighting == "agreement_meta")
+        try:
+            if cfg.algorithm == "reptile":
+                weights = reptile_step(theta, aggregator, cfg, gen)
+            else:
+                weights = maml_step(theta, aggregator, cfg, gen, weighting == "agreement_meta")
+        except ValueError as error:
+            if "should be finite" not in str(error):
+                raise
+            # The aggregator refuses non-finite task vectors before touching θ: the run
+            # diverged. Record it as a result instead of losing the other runs.
+            history["diverged_at"] = iteration
+            break
         schedule.step()
         if iteration % max(1, cfg.iterations // 200) == 0:
             history["iteration"].append(iteration)
@@ -246,7 +255,9 @@ def evaluate(theta: list[Tensor], cfg: Config) -> dict[int, list[float]]:
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of a 95 % normal confidence interval."""
+    """Mean and the half-width of a 95 % normal confidence interval (NaN if any is NaN)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, float("nan")
@@ -269,7 +280,10 @@ def run_one(job: tuple[str, int, Config, bool]) -> dict[str, Any]:
     torch.set_num_threads(1)
     start = time.perf_counter()
     theta, history = train(weighting, seed, cfg, progress)
-    errors = evaluate(theta, cfg)
+    if history["diverged_at"] is None:
+        errors = evaluate(theta, cfg)
+    else:
+        errors = {steps: [math.nan] for steps in cfg.eval_steps}
     return {
         "algorithm": cfg.algorithm,
         "weighting": weighting,
@@ -320,10 +334,14 @@ def table(summary: dict[str, Any]) -> str:
         for weighting, entry in by_weighting.items():
             if weighting == "config":
                 continue
-            cells = [
-                f"{entry['mean_mse'][s]:.3f} ± {entry['ci95_over_seeds'][s]:.3f}"
-                for s in ("5", "32")
-            ]
+            diverged = sum(h["diverged_at"] is not None for h in entry["weight_history"])
+            if diverged:
+                cells = [f"diverged in {diverged} of {len(entry['seeds'])} seeds"] * 2
+            else:
+                cells = [
+                    f"{entry['mean_mse'][s]:.3f} ± {entry['ci95_over_seeds'][s]:.3f}"
+                    for s in ("5", "32")
+                ]
             lines.append(
                 f"| {algorithm} | {weighting} | {cells[0]} | {cells[1]} | "
                 f"{len(entry['seeds'])} | {entry['seconds']:.0f} |"

@@ -108,3 +108,17 @@ def test_sine_batched_adaptation_matches_a_per_task_loop() -> None:
         )
         for a, b in zip(together, alone):
             torch.testing.assert_close(a[i], b[0], rtol=1e-5, atol=1e-6)
+
+
+def test_sine_divergence_is_recorded_not_raised() -> None:
+    sine = _load("sine_regression")
+    cfg = sine.Config.for_algorithm("reptile", iterations=500, outer_lr=50.0, eval_tasks=10)
+    threads = torch.get_num_threads()
+    try:
+        run = sine.run_one(("mean", 0, cfg, False))
+    finally:
+        torch.set_num_threads(threads)
+    assert run["history"]["diverged_at"] is not None and run["history"]["diverged_at"] < 500
+    assert all(math.isnan(mean) for mean, _ in run["mse"].values())
+    summary = sine.summarize([run], {"reptile": cfg})
+    assert "diverged in 1 of 1 seeds" in sine.table(summary)

@@ -19,6 +19,9 @@ AgreementOn = Literal["deltas", "meta_gradients"]
 class MetaGradientRecorder:
     """Keeps each task's meta-gradient and inner-loop delta apart, then applies Algorithm 1.
 
+    The base of the MAML-style adapters (learn2learn, higher), which add a ``backward``
+    that knows where their library keeps the adapted weights.
+
     ``loss.backward()`` would sum the tasks' meta-gradients into ``.grad`` and lose them;
     :meth:`record_task` keeps them per task. :meth:`step` weights them (by default with
     agreement measured on the inner-loop deltas θ − θ_i, Algorithm 1 lines 7–9), writes

@@ -35,7 +35,7 @@ except ImportError as error:  # pragma: no cover - exercised only without higher
 __all__ = ["AgreementHigher"]
 
 
-class AgreementHigher:
+class AgreementHigher(MetaGradientRecorder):
     r"""Record each ``higher`` task's meta-gradient and inner delta; step with agreement.
 
     Algorithm 1, lines 7–9, of Eshratifar, Eigen & Pedram (2018), as in
@@ -61,7 +61,7 @@ class AgreementHigher:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
         self.model = model
-        self.recorder = MetaGradientRecorder(
+        super().__init__(
             model.parameters(),
             optimizer,
             weighting=weighting,
@@ -70,14 +70,6 @@ class AgreementHigher:
             track_cosines=track_cosines,
         )
 
-    @property
-    def last_weights(self) -> Tensor | None:
-        return self.recorder.last_weights
-
-    @property
-    def num_recorded(self) -> int:
-        return self.recorder.num_recorded
-
     def backward(self, loss: Tensor, fmodel: nn.Module) -> None:
         """Replace ``loss.backward()`` inside the ``innerloop_ctx``: record this task."""
         if not isinstance(fmodel, _higher.patch._MonkeyPatchBase):
@@ -85,8 +77,4 @@ class AgreementHigher:
                 "`fmodel` should be the functional model from higher.innerloop_ctx. "
                 f"Found `{type(fmodel).__name__}`."
             )
-        self.recorder.record_task(loss, list(fmodel.parameters()), fallback=True, what="fmodel")
-
-    def step(self) -> Tensor:
-        """Weight the recorded tasks, write Σ w_i ∇_i into ``.grad``, step; return the weights."""
-        return self.recorder.step()
+        self.record_task(loss, list(fmodel.parameters()), fallback=True, what="fmodel")

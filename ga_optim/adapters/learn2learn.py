@@ -40,7 +40,7 @@ except ImportError as error:  # pragma: no cover - exercised only without learn2
 __all__ = ["AgreementMAML", "AgreementReptile"]
 
 
-class AgreementMAML:
+class AgreementMAML(MetaGradientRecorder):
     r"""Wrap a learn2learn ``MAML`` or ``MetaSGD`` so its outer step uses gradient agreement.
 
     Algorithm 1, lines 7–9, of Eshratifar, Eigen & Pedram (2018): each task's inner-loop
@@ -74,7 +74,7 @@ class AgreementMAML:
                 f"Found `{type(maml).__name__}`; for plain modules use AgreementReptile."
             )
         self.maml = maml
-        self.recorder = MetaGradientRecorder(
+        super().__init__(
             maml.parameters(),
             optimizer,
             weighting=weighting,
@@ -82,14 +82,6 @@ class AgreementMAML:
             foreach=foreach,
             track_cosines=track_cosines,
         )
-
-    @property
-    def last_weights(self) -> Tensor | None:
-        return self.recorder.last_weights
-
-    @property
-    def num_recorded(self) -> int:
-        return self.recorder.num_recorded
 
     def clone(self, **kwargs: Any) -> nn.Module:
         """Exactly ``maml.clone(**kwargs)``: adapt it with ``learner.adapt(loss)``."""
@@ -107,8 +99,4 @@ class AgreementMAML:
             # A MetaSGD clone's learning rates are plain tensors, not parameters; the inner
             # loop does not change them, so their delta is zero.
             adapted += list(learner.lrs)
-        self.recorder.record_task(loss, adapted)
-
-    def step(self) -> Tensor:
-        """Weight the recorded tasks, write Σ w_i ∇_i into ``.grad``, step; return the weights."""
-        return self.recorder.step()
+        self.record_task(loss, adapted)

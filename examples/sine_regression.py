@@ -35,6 +35,7 @@ K = 10 points with SGD (lr 0.02) for 5 and 32 steps; MSE on 100 evenly spaced po
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import multiprocessing
@@ -237,6 +238,23 @@ def train(
     return [p.detach() for p in theta], history
 
 
+AMPLITUDE_BINS = (0.1, 1.0, 2.0, 3.0, 4.0, 5.0)
+
+
+def amplitude_bins(cfg: Config, errors: list[float]) -> list[float]:
+    """Mean MSE of the evaluation tasks in each amplitude bin of :data:`AMPLITUDE_BINS`."""
+    amplitude = sample_tasks(
+        cfg.eval_tasks, cfg.eval_shots, torch.Generator().manual_seed(cfg.eval_seed)
+    )[0]
+    a = amplitude.view(-1)
+    values = torch.tensor(errors)
+    means = []
+    for low, high in itertools.pairwise(AMPLITUDE_BINS):
+        inside = (a >= low) & (a < high) if high < AMPLITUDE_BINS[-1] else (a >= low)
+        means.append(float(values[inside].mean()) if bool(inside.any()) else math.nan)
+    return means
+
+
 def evaluate(theta: list[Tensor], cfg: Config) -> dict[int, list[float]]:
     """Per-task MSE after each number of fine-tuning steps, on the fixed evaluation tasks."""
     gen = torch.Generator().manual_seed(cfg.eval_seed)
@@ -282,8 +300,10 @@ def run_one(job: tuple[str, int, Config, bool]) -> dict[str, Any]:
     theta, history = train(weighting, seed, cfg, progress)
     if history["diverged_at"] is None:
         errors = evaluate(theta, cfg)
+        by_amplitude = {str(k): amplitude_bins(cfg, v) for k, v in errors.items()}
     else:
         errors = {steps: [math.nan] for steps in cfg.eval_steps}
+        by_amplitude = {}
     return {
         "algorithm": cfg.algorithm,
         "weighting": weighting,
@@ -291,6 +311,7 @@ def run_one(job: tuple[str, int, Config, bool]) -> dict[str, Any]:
         "theta": [t.tolist() for t in theta],
         "history": history,
         "mse": {str(k): mean_ci(v) for k, v in errors.items()},
+        "mse_by_amplitude": by_amplitude,
         "seconds": time.perf_counter() - start,
     }
 
@@ -309,15 +330,20 @@ def summarize(runs: list[dict[str, Any]], cfgs: dict[str, Config]) -> dict[str, 
                 "per_seed_task_ci95": {},
                 "seconds": 0.0,
                 "weight_history": [],
+                "per_seed_mse_by_amplitude": [],
             },
         )
         entry["seeds"].append(run["seed"])
         entry["seconds"] += run["seconds"]
         entry["weight_history"].append(run["history"])
+        entry["per_seed_mse_by_amplitude"].append(run["mse_by_amplitude"])
         for steps, (mean, ci) in run["mse"].items():
             entry["per_seed_mse"].setdefault(steps, []).append(mean)
             entry["per_seed_task_ci95"].setdefault(steps, []).append(ci)
+    summary["amplitude_bins"] = list(AMPLITUDE_BINS)
     for algorithm, by_weighting in summary.items():
+        if algorithm == "amplitude_bins":
+            continue
         for entry in by_weighting.values():
             entry["mean_mse"] = {k: mean_ci(v)[0] for k, v in entry["per_seed_mse"].items()}
             entry["ci95_over_seeds"] = {k: mean_ci(v)[1] for k, v in entry["per_seed_mse"].items()}
@@ -331,6 +357,8 @@ def table(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for algorithm, by_weighting in summary.items():
+        if algorithm == "amplitude_bins":
+            continue
         for weighting, entry in by_weighting.items():
             if weighting == "config":
                 continue

@@ -39,8 +39,10 @@ def test_sine_quick_run_writes_its_table_and_results(tmp_path: Path) -> None:
         torch.set_num_threads(threads)
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     table = (tmp_path / "table.md").read_text()
-    assert set(results) == {"reptile", "maml"}
+    assert set(results) == {"reptile", "maml", "amplitude_bins"}
     assert "agreement_meta" not in results["reptile"]  # MAML only
+    bins = results.pop("amplitude_bins")
+    assert bins == [0.1, 1.0, 2.0, 3.0, 4.0, 5.0]
     for algorithm, by_weighting in results.items():
         assert by_weighting["config"]["algorithm"] == algorithm
         for weighting, run in by_weighting.items():
@@ -52,6 +54,9 @@ def test_sine_quick_run_writes_its_table_and_results(tmp_path: Path) -> None:
             # Fine-tuning longer on the same 10 shots fits the sine better.
             assert run["mean_mse"]["32"] < run["mean_mse"]["5"]
             assert f"| {algorithm} | {weighting} |" in table
+            for per_bin in run["per_seed_mse_by_amplitude"]:
+                assert len(per_bin["5"]) == len(bins) - 1
+                assert all(math.isfinite(v) and v > 0 for v in per_bin["5"] + per_bin["32"])
             negative = [s for h in run["weight_history"] for s in h["negative_share"]]
             if weighting in ("agreement", "agreement_meta"):
                 assert max(negative) > 0  # some tasks fought the batch

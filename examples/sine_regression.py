@@ -8,8 +8,8 @@ Algorithms (each with every requested weighting, on identical seeds, tasks and b
 
 * ``reptile``: each task adapts a copy of θ by 5 SGD steps (lr 0.02) on 5 minibatches of
   10 of its 50 points; ``GradientAgreementAggregator.step`` applies
-  θ ← θ + α Σ w_i (θ_i − θ) through SGD, α = ``--outer-lr`` annealed linearly to 0
-  (Algorithm 1, line 10);
+  θ ← θ + α Σ w_i (θ_i − θ) through SGD, α = ``--outer-lr`` (default 2.0) annealed
+  linearly to 0 (Algorithm 1, line 10);
 * ``maml`` / ``fomaml``: 5 SGD steps (lr 0.02) on 10 support points, the query loss on 10
   other points; θ ← θ − β Σ w_i ∇L_i(θ_i) through Adam (lr 1e-3 annealed to 0), second or
   first order (Algorithm 1, line 9).
@@ -75,7 +75,9 @@ class Config:
     inner_steps: int = 5
     inner_batch: int = 10  # Reptile: points per inner step (5 steps over 50 points)
     inner_lr: float = 0.02
-    outer_lr: float = 0.1  # Reptile: SGD α; MAML: Adam β (default 1e-3, see for_algorithm)
+    # Reptile: SGD α (2.0: the best stable value of a sweep for the Mean baseline, see
+    # docs/RESULTS.md); MAML: Adam β (1e-3, see for_algorithm).
+    outer_lr: float = 2.0
     shots: int = 10  # MAML support (and query) points per task
     eval_tasks: int = 1000
     eval_shots: int = 10
@@ -448,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iterations", type=int, help="default: 10000 (Reptile), 8000 (MAML)")
     parser.add_argument("--meta-batch", type=int)
     parser.add_argument(
-        "--outer-lr", type=float, help="default: 0.1 (Reptile SGD), 1e-3 (MAML Adam)"
+        "--outer-lr", type=float, help="default: 2.0 (Reptile SGD), 1e-3 (MAML Adam)"
     )
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--quick", action="store_true", help="a tiny run (seconds), for CI")

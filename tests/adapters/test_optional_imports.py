@@ -1,0 +1,54 @@
+"""Without learn2learn or higher: ga_optim imports, and each adapter says how to install."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+BLOCK = """
+import sys
+class _Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {names!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+        return None
+sys.meta_path.insert(0, _Missing())
+"""
+
+
+def _run(code: str, blocked: set[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK.format(names=blocked) + code],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_ga_optim_imports_without_optional_libraries() -> None:
+    result = _run(
+        "import ga_optim, ga_optim.adapters, ga_optim.adapters.func, ga_optim.adapters.reptile\n"
+        "import sys; assert 'learn2learn' not in sys.modules and 'higher' not in sys.modules\n"
+        "print(ga_optim.__version__)",
+        {"learn2learn", "higher"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0.1.0"
+
+
+@pytest.mark.parametrize(
+    ("module", "blocked", "command"),
+    [
+        ("ga_optim.adapters.learn2learn", "learn2learn", "bash scripts/install_learn2learn.sh"),
+        ("ga_optim.adapters.higher", "higher", "pip install 'ga-optim[higher]'"),
+    ],
+)
+def test_adapter_without_its_library_names_the_install_command(
+    module: str, blocked: str, command: str
+) -> None:
+    result = _run(f"import {module}", {blocked})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError:") and command in last

@@ -133,7 +133,16 @@ class GradientAgreementAggregator:
     def _batch(self, task_vectors: object, name: str) -> TaskBatch:
         return as_task_batch(task_vectors, name, self.params)
 
-    def _weights_of(self, batch: TaskBatch, gramian: Tensor | None) -> Tensor:
+    def _foreach(self, batch: TaskBatch) -> bool:
+        return default_foreach(batch) if self.foreach is None else self.foreach
+
+    def _weights_of(
+        self, batch: TaskBatch, gramian: Tensor | None, *, combined: bool = False
+    ) -> Tensor:
+        """The weighting applied to ``batch`` (or to ``gramian``); raises, naming the task
+        and parameter, if the values the weights stand for are not finite. ``combined``:
+        ``batch`` is also what gets combined, whose output check then covers a weighting
+        that does not read the values (``Mean``), so no extra pass is spent on it."""
         if gramian is not None:
             checked = check_gramian(gramian)
             if checked.shape[0] != batch.num_tasks:
@@ -142,8 +151,12 @@ class GradientAgreementAggregator:
                     f"{batch.num_tasks} tasks, so expected ({batch.num_tasks}, {batch.num_tasks})."
                 )
             return self.weighting.from_gramian(checked)
-        foreach = default_foreach(batch) if self.foreach is None else self.foreach
-        return self.weighting._from_batch(batch, foreach=foreach)
+        if not self.weighting.reads_values and not combined:
+            locate_non_finite(batch)
+        weights = self.weighting._from_batch(batch, foreach=self._foreach(batch))
+        if not bool(torch.isfinite(weights).all()):
+            locate_non_finite(batch)
+        return weights
 
     def weights(self, task_vectors: object = None, *, gramian: Tensor | None = None) -> Tensor:
         """The weights ``[N]`` of ``task_vectors`` (shaped like ``params``) or of a Gramian."""
@@ -152,11 +165,7 @@ class GradientAgreementAggregator:
         if gramian is not None:
             return self.weighting.weights(gramian=gramian)
         with torch.no_grad():
-            batch = self._batch(task_vectors, "task_vectors")
-            weights = self._weights_of(batch, None)
-            if not bool(torch.isfinite(weights).all()):
-                locate_non_finite(batch)
-            return weights
+            return self._weights_of(self._batch(task_vectors, "task_vectors"), None)
 
     def _aggregate(
         self,
@@ -175,10 +184,8 @@ class GradientAgreementAggregator:
                     f"`agreement_vectors` holds {measured.num_tasks} tasks; `task_vectors` "
                     f"holds {batch.num_tasks}. Both must describe the same meta-batch."
                 )
-        weights = self._weights_of(measured, gramian)
-        if not bool(torch.isfinite(weights).all()):
-            locate_non_finite(measured)
-        foreach = default_foreach(batch) if self.foreach is None else self.foreach
+        weights = self._weights_of(measured, gramian, combined=measured is batch)
+        foreach = self._foreach(batch)
         combined = weighted_sum(batch, weights.tolist(), foreach=foreach, out_dtype=True)
         result = [
             torch.zeros_like(param) if vector is None else vector

@@ -33,6 +33,10 @@ class Weighting(ABC):
     weightings that need less override :meth:`_from_batch`.
     """
 
+    #: Whether the weights depend on the vectors' values. A weighting that reads only their
+    #: number (``Mean``) sets it to False, and callers then check the values are finite.
+    reads_values: bool = True
+
     def weights(
         self,
         task_vectors: object = None,
@@ -46,7 +50,10 @@ class Weighting(ABC):
             raise TypeError("Pass exactly one of `task_vectors` and `gramian`.")
         if gramian is not None:
             return self.from_gramian(check_gramian(gramian))
-        return self._from_batch(as_task_batch(task_vectors), foreach=foreach)
+        batch = as_task_batch(task_vectors)
+        if not self.reads_values:
+            locate_non_finite(batch)
+        return self._from_batch(batch, foreach=foreach)
 
     __call__ = weights
 
@@ -77,25 +84,13 @@ class Mean(Weighting):
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
     """
 
+    reads_values = False
+
     def from_gramian(self, gramian: Tensor) -> Tensor:
         n = gramian.shape[0]
         return torch.full(
             (n,), 1.0 / n, dtype=accumulation_dtype(gramian.dtype), device=gramian.device
         )
-
-    def weights(
-        self,
-        task_vectors: object = None,
-        *,
-        gramian: Tensor | None = None,
-        foreach: bool | None = None,
-    ) -> Tensor:
-        if task_vectors is not None and gramian is None:
-            # The weights do not read the values; check them anyway, as every weighting does.
-            batch = as_task_batch(task_vectors)
-            locate_non_finite(batch)
-            return uniform_weights(batch)
-        return super().weights(task_vectors, gramian=gramian, foreach=foreach)
 
     def _from_batch(self, batch: TaskBatch, *, foreach: bool | None) -> Tensor:
         return uniform_weights(batch)

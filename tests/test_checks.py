@@ -100,6 +100,18 @@ def test_mean_rejects_non_finite_too() -> None:
         Mean().weights([[v], [v], [torch.tensor([0.0, float("inf"), 0.0])]])
 
 
+def test_mean_aggregator_rejects_non_finite_agreement_vectors() -> None:
+    # Mean never reads the agreement vectors' values; they must still be finite.
+    param = torch.zeros(3, requires_grad=True)
+    aggregator = GradientAgreementAggregator([param], weighting=Mean())
+    bad = [[v], [torch.tensor([0.0, float("nan"), 0.0])]]
+    with pytest.raises(ValueError, match=r"`agreement_vectors\[1\]\[0\]` should be finite"):
+        aggregator.step([[v], [v]], agreement_vectors=bad)
+    assert param.grad is None and aggregator.num_steps == 0
+    with pytest.raises(ValueError, match=r"`task_vectors\[1\]\[0\]` should be finite"):
+        aggregator.weights(bad)
+
+
 BAD_GRAMIANS = [
     ("list", [[1.0]], TypeError, r"`gramian` should be a Tensor \[N, N\]\. Found `list`"),
     ("not-square", torch.ones(2, 3), ValueError, r"square matrix .* Found shape \(2, 3\)"),

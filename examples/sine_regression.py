@@ -38,32 +38,17 @@ import argparse
 import itertools
 import json
 import math
-import multiprocessing
-import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import WEIGHTINGS, mean_ci, meta_train, run_jobs
 from torch import Tensor
 
-from ga_optim import (
-    Agreement,
-    CosineAgreement,
-    GradientAgreementAggregator,
-    Mean,
-    NonNegativeAgreement,
-    Weighting,
-)
+from ga_optim import GradientAgreementAggregator
 
-WEIGHTINGS: dict[str, type[Weighting]] = {
-    "mean": Mean,
-    "agreement": Agreement,
-    "agreement_meta": Agreement,
-    "nonnegative": NonNegativeAgreement,
-    "cosine": CosineAgreement,
-}
 ALGORITHMS = ("reptile", "maml", "fomaml")
 
 
@@ -211,32 +196,14 @@ def train(
         outer = torch.optim.Adam(theta, lr=cfg.outer_lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(outer, lambda it: 1.0 - it / cfg.iterations)
     aggregator = GradientAgreementAggregator(theta, outer, weighting=WEIGHTINGS[weighting]())
-    history: dict[str, Any] = {"iteration": [], "min": [], "max": [], "negative_share": []}
-    history["diverged_at"] = None
-    bar = _progress(cfg.iterations, f"{cfg.algorithm} {weighting} seed {seed}", progress)
-    for iteration in range(cfg.iterations):
-        try:
-            if cfg.algorithm == "reptile":
-                weights = reptile_step(theta, aggregator, cfg, gen)
-            else:
-                weights = maml_step(theta, aggregator, cfg, gen, weighting == "agreement_meta")
-        except ValueError as error:
-            if "should be finite" not in str(error):
-                raise
-            # The aggregator refuses non-finite task vectors before touching θ: the run
-            # diverged. Record it as a result instead of losing the other runs.
-            history["diverged_at"] = iteration
-            break
-        schedule.step()
-        if iteration % max(1, cfg.iterations // 200) == 0:
-            history["iteration"].append(iteration)
-            history["min"].append(float(weights.min()))
-            history["max"].append(float(weights.max()))
-            history["negative_share"].append(float((weights < 0).float().mean()))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+
+    def step() -> Tensor:
+        if cfg.algorithm == "reptile":
+            return reptile_step(theta, aggregator, cfg, gen)
+        return maml_step(theta, aggregator, cfg, gen, weighting == "agreement_meta")
+
+    desc = f"{cfg.algorithm} {weighting} seed {seed}"
+    history = meta_train(step, schedule, cfg.iterations, desc, progress)
     return [p.detach() for p in theta], history
 
 
@@ -272,26 +239,6 @@ def evaluate(theta: list[Tensor], cfg: Config) -> dict[int, list[float]]:
         with torch.no_grad():
             results[steps] = task_losses(current, grid, truth).tolist()
     return results
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of a 95 % normal confidence interval (NaN if any is NaN)."""
-    if any(math.isnan(v) for v in values):
-        return math.nan, math.nan
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def _progress(total: int, desc: str, enabled: bool):  # type: ignore[no-untyped-def]
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False, mininterval=2.0)
 
 
 def run_one(job: tuple[str, int, Config, bool]) -> dict[str, Any]:
@@ -474,11 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    if args.jobs > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            runs = _with_bar(pool.imap_unordered(run_one, jobs), len(jobs), args.quick)
-    else:
-        runs = _with_bar(map(run_one, jobs), len(jobs), args.quick)
+    runs = run_jobs(run_one, jobs, args.jobs, args.quick)
     runs.sort(
         key=lambda r: (
             ALGORITHMS.index(r["algorithm"]),
@@ -497,18 +440,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for path in figures:
         print(f"wrote {path}")
     return results
-
-
-def _with_bar(iterator: Any, total: int, quiet: bool) -> list[dict[str, Any]]:
-    bar = _progress(total, "runs (algorithm × weighting × seed)", not quiet)
-    runs = []
-    for run in iterator:
-        runs.append(run)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return runs
 
 
 if __name__ == "__main__":

@@ -210,3 +210,13 @@ def test_digits_quick_run_writes_its_table_and_results(tmp_path: Path) -> None:
             if weighting == "mean":
                 bounds = [v for h in entry["weight_history"] for v in h["min"] + h["max"]]
                 assert bounds == pytest.approx([1 / 8] * len(bounds))
+
+
+def test_omniglot_and_mini_imagenet_use_finn_et_al_s_settings() -> None:
+    five = fewshot.Config.for_run("omniglot", "maml", ways=5)
+    twenty = fewshot.Config.for_run("omniglot", "maml", ways=20)
+    mini = fewshot.Config.for_run("miniimagenet", "fomaml")
+    assert (five.meta_batch, five.inner_steps, five.inner_lr, five.eval_steps) == (32, 1, 0.4, 3)
+    assert (twenty.meta_batch, twenty.inner_steps, twenty.inner_lr) == (16, 5, 0.1)
+    assert (mini.meta_batch, mini.inner_steps, mini.inner_lr, mini.hidden) == (4, 5, 0.01, 32)
+    assert fewshot.Config.for_run("omniglot", "reptile", meta_batch=8).meta_batch == 8

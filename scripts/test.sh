@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check ga_optim tests benchmarks examples
-.venv/bin/ruff format --check ga_optim tests benchmarks examples
+.venv/bin/ruff check ga_optim tests benchmarks examples docs
+.venv/bin/ruff format --check ga_optim tests benchmarks examples docs
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"

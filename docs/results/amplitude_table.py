@@ -1,10 +1,11 @@
 """Print the per-amplitude MSE table of a sine run's results.json (used for docs/RESULTS.md).
 
-    python docs/results/amplitude_table.py docs/results/sine-reptile-lr1/results.json 5
+python docs/results/amplitude_table.py docs/results/sine-reptile-lr1/results.json 5
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import sys
@@ -13,7 +14,7 @@ import sys
 def main(path: str, steps: str) -> None:
     results = json.loads(open(path).read())["results"]
     bins = results.pop("amplitude_bins")
-    labels = [f"a ∈ [{lo:g}, {hi:g})" for lo, hi in zip(bins, bins[1:])]
+    labels = [f"a ∈ [{lo:g}, {hi:g})" for lo, hi in itertools.pairwise(bins)]
     print(f"| {path.split('/')[-2]}, MSE after {steps} steps | " + " | ".join(labels) + " |")
     print("|---" * (len(labels) + 1) + "|")
     for algorithm, by_weighting in results.items():

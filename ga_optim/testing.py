@@ -218,20 +218,24 @@ def reference_agreement_weights(task_vectors: Any) -> Tensor:
 
 
 def condition_number(task_vectors: Any) -> float:
-    """``κ = Σ_i ‖g_i‖·‖s‖ / Σ_i |g_i·s|`` (≥ 1; ``inf`` when the scores cancel to zero,
-    1 for all-zero vectors).
+    """``κ = (Σ_i ‖g_i‖)² / Σ_i |g_i·s|`` with ``s = Σ_j g_j`` (≥ 1; ``inf`` when the scores
+    cancel to zero, 1 for all-zero vectors).
 
-    Rounding perturbs the agreement weights by about ``κ · N · eps``: a batch whose mean
-    update nearly vanishes has ill-determined weights. Tolerances here scale with it.
+    Rounding perturbs the sum ``s`` by up to about ``N · eps · Σ_j ‖g_j‖`` and each score
+    ``g_i·s`` by ``‖g_i‖`` times that, so the agreement weights move by about
+    ``κ · N · eps``: a batch whose mean update nearly vanishes, or whose sum cancels
+    (``[1, 1e-72, -1]``), has ill-determined weights. Tolerances here scale with it.
     """
-    matrix = _unit_scaled(task_vectors)
-    total = matrix.sum(dim=0)
-    scores = matrix @ total
-    bound = float((matrix.norm(dim=1) * total.norm()).sum())
-    denominator = float(scores.abs().sum())
+    return _kappa(_unit_scaled(task_vectors))
+
+
+def _kappa(matrix: Tensor) -> float:
     if not bool(matrix.any()):
         return 1.0  # all-zero vectors: uniform weights, exactly
-    return bound / denominator if denominator > 0 else float("inf")
+    scores = matrix @ matrix.sum(dim=0)
+    mass = float(matrix.norm(dim=1).sum())
+    denominator = float(scores.abs().sum())
+    return mass * mass / denominator if denominator > 0 else float("inf")
 
 
 def _eps(weights: Tensor) -> float:
@@ -239,7 +243,14 @@ def _eps(weights: Tensor) -> float:
 
 
 def _tolerance(task_vectors: Any, weights: Tensor, slack: float = 64.0) -> float:
-    kappa = condition_number(task_vectors)
+    """``slack · N · eps · κ`` with the larger of the batch's κ and its directions' κ: a
+    scale-free weighting (``CosineAgreement``) is conditioned by the unit vectors."""
+    matrix = _unit_scaled(task_vectors)
+    norms = matrix.norm(dim=1, keepdim=True)
+    directions = torch.where(
+        norms > 0, matrix / norms.clamp_min(torch.finfo(torch.float64).tiny), 0
+    )
+    kappa = max(_kappa(matrix), _kappa(directions))
     return slack * weights.numel() * _eps(weights) * min(kappa, 1e300)
 
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 
 from ga_optim import (
     Agreement,
@@ -15,7 +15,7 @@ from ga_optim import (
     NonNegativeAgreement,
     agreement_weights,
 )
-from ga_optim.testing import reference_agreement_weights, task_batches
+from ga_optim.testing import condition_number, reference_agreement_weights, task_batches
 
 
 def _params_like(batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -54,12 +54,19 @@ def test_mean_aggregate_is_plain_averaging(batch: list[list[torch.Tensor]]) -> N
 
 
 @given(task_batches(scales=(1.0,)))
+@example([[torch.tensor(v, dtype=torch.float64)] for v in (0.0, 0.0, 1.0, 1.3363e-72, -1.0)])
 def test_foreach_and_per_tensor_aggregate_agree(batch: list[list[torch.Tensor]]) -> None:
     params = _params_like(batch)
     fast = GradientAgreementAggregator(params, foreach=True).aggregate(batch)
     slow = GradientAgreementAggregator(params, foreach=False).aggregate(batch)
+    # The two paths sum in different orders; the weights may differ by κ·N·eps (with κ
+    # counting the cancellation in Σ g_j: the example's sum is 1e-72 from terms of 1).
+    kappa = condition_number(batch)
+    mass = sum(max(float(t.abs().max()) for t in task) for task in batch)
+    tol = 16 * len(batch) * torch.finfo(torch.float64).eps * kappa * mass
     for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert float((a - b).abs().max()) <= tol + 1e-12
 
 
 def _reptile_setup(

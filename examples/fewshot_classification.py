@@ -69,7 +69,7 @@ class Config:
     train_queries: int = 5  # query images per class in a training episode
     eval_queries: int = 15  # … and in an evaluation episode
     hidden: int = 32
-    iterations: int = 500
+    iterations: int = 300
     meta_batch: int = 8
     inner_steps: int = 5
     inner_lr: float = 0.1

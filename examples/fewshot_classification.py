@@ -78,6 +78,7 @@ class Config:
     eval_episodes: int = 600
     eval_chunk: int = 100  # episodes fine-tuned at once in evaluation
     eval_seed: int = 12345
+    device: str = "cpu"  # episodes are drawn on the CPU, then moved here
 
     @staticmethod
     def for_run(dataset: str, algorithm: str, **overrides: Any) -> Config:
@@ -146,7 +147,7 @@ class ConvNet(nn.Module):
 
 def build_model(cfg: Config, image_shape: tuple[int, int, int], seed: int) -> ConvNet:
     torch.manual_seed(seed)
-    return ConvNet(cfg.ways, image_shape[0], cfg.hidden, image_shape[1])
+    return ConvNet(cfg.ways, image_shape[0], cfg.hidden, image_shape[1]).to(cfg.device)
 
 
 # -- the inner loop and one meta-iteration of each algorithm -------------------------------
@@ -222,7 +223,8 @@ def train(
         episodes = sample_episodes(
             split, cfg.meta_batch, cfg.ways, cfg.shots, cfg.train_queries, gen
         )
-        return meta_step(model, agreement, cfg, episodes, weighting == "agreement_meta")
+        on_device = tuple(t.to(cfg.device) for t in episodes)
+        return meta_step(model, agreement, cfg, on_device, weighting == "agreement_meta")
 
     desc = f"{cfg.algorithm} {cfg.shots}-shot {weighting} seed {seed}"
     return meta_train(step, schedule, cfg.iterations, desc, progress)
@@ -244,7 +246,8 @@ def evaluate(model: nn.Module, cfg: Config) -> list[float]:
     while len(accuracies) < cfg.eval_episodes:
         n = min(cfg.eval_chunk, cfg.eval_episodes - len(accuracies))
         episodes = sample_episodes(split, n, cfg.ways, cfg.shots, cfg.eval_queries, gen)
-        accuracies += vmap(accuracy, in_dims=(None, 0, 0, 0, 0))(params, *episodes).tolist()
+        on_device = [t.to(cfg.device) for t in episodes]
+        accuracies += vmap(accuracy, in_dims=(None, 0, 0, 0, 0))(params, *on_device).tolist()
     return accuracies
 
 
@@ -339,10 +342,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--meta-batch", type=int)
     parser.add_argument("--outer-lr", type=float)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
+    parser.add_argument("--device", help="e.g. cuda (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="a tiny run (seconds), for CI")
     args = parser.parse_args(argv)
 
     overrides = {
+        "device": args.device,
         "data_root": args.data_root,
         "ways": args.ways,
         "train_queries": args.train_queries,

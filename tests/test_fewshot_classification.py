@@ -168,7 +168,7 @@ def test_one_training_step_and_the_quick_run_on_a_tiny_mini_imagenet(tmp_path: P
         [
             "--dataset", "miniimagenet", "--data-root", str(tmp_path), "--shots", "1",
             "--algorithms", "fomaml", "--seeds", "0", "--iterations", "1", "--meta-batch", "2",
-            "--train-queries", "2", "--eval-queries", "3", "--out", str(out),
+            "--train-queries", "2", "--eval-queries", "3", "--device", "cpu", "--out", str(out),
         ]
     )  # fmt: skip
     assert set(results["results"]) == {"fomaml 1-shot"}

@@ -51,12 +51,12 @@ def diagnose(theta: list[torch.Tensor], cfg: Config, batches: int, seed: int) ->
             w = weighting.weights(_per_task(deltas)).double()
             stats = rows[name]
             stats.setdefault("effective tasks", []).append(float(w.abs().sum() ** 2 / (w**2).sum()))
-            stats.setdefault("|w| share on a ≥ 3", []).append(
+            stats.setdefault("share of Σ abs(w) on a ≥ 3", []).append(
                 float(w.abs()[a >= 3].sum() / w.abs().sum())
             )
             rank_w, rank_a = _ranks(w.abs()), _ranks(a)
             corr = torch.corrcoef(torch.stack([rank_w, rank_a]))[0, 1]
-            stats.setdefault("Spearman(|w|, a)", []).append(float(corr.nan_to_num(0.0)))
+            stats.setdefault("Spearman(abs(w), a)", []).append(float(corr.nan_to_num(0.0)))
             stats.setdefault("share negative", []).append(float((w < 0).double().mean()))
             step = (w.unsqueeze(1) * flat).sum(0).norm()
             stats.setdefault("step / Mean step", []).append(float(step / mean_step))

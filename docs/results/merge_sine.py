@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import mean_ci
-from sine_regression import table
+from sine_regression import Config, summarize, table
 
 
 def _runs(path: str) -> tuple[dict[tuple[str, str, int], dict[str, Any]], dict[str, Any]]:
@@ -63,31 +62,19 @@ def main(out: str, paths: list[str]) -> None:
                 checked += 1
             else:
                 merged[key] = run
-    summary: dict[str, Any] = {}
-    for (algorithm, weighting, seed), run in sorted(merged.items(), key=_order):
-        entry = summary.setdefault(algorithm, {}).setdefault(
-            weighting,
-            {
-                "seeds": [],
-                "per_seed_mse": {},
-                "per_seed_task_ci95": {},
-                "seconds": 0.0,
-                "weight_history": [],
-                "per_seed_mse_by_amplitude": [],
-            },
-        )
-        entry["seeds"].append(seed)
-        entry["seconds"] += run["seconds"]
-        entry["weight_history"].append(run["history"])
-        entry["per_seed_mse_by_amplitude"].append(run["by_amplitude"])
-        for steps, value in run["mse"].items():
-            entry["per_seed_mse"].setdefault(steps, []).append(value)
-            entry["per_seed_task_ci95"].setdefault(steps, []).append(run["task_ci95"][steps])
-    for algorithm, by_weighting in summary.items():
-        for entry in by_weighting.values():
-            entry["mean_mse"] = {k: mean_ci(v)[0] for k, v in entry["per_seed_mse"].items()}
-            entry["ci95_over_seeds"] = {k: mean_ci(v)[1] for k, v in entry["per_seed_mse"].items()}
-        by_weighting["config"] = configs[algorithm]
+    runs = [
+        {
+            "algorithm": algorithm,
+            "weighting": weighting,
+            "seed": seed,
+            "history": run["history"],
+            "mse": {k: (v, run["task_ci95"][k]) for k, v in run["mse"].items()},
+            "mse_by_amplitude": run["by_amplitude"],
+            "seconds": run["seconds"],
+        }
+        for (algorithm, weighting, seed), run in sorted(merged.items(), key=_order)
+    ]
+    summary = summarize(runs, {a: Config(**c) for a, c in configs.items()})
     text = table(summary)
     print(text)
     print(f"({checked} runs found in two files agreed to the last digit)")

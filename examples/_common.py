@@ -15,7 +15,16 @@ from torch import Tensor
 
 from ga_optim import Agreement, CosineAgreement, Mean, NonNegativeAgreement, Weighting
 
-__all__ = ["WEIGHTINGS", "mean_ci", "meta_train", "progress", "run_jobs"]
+__all__ = [
+    "WEIGHTINGS",
+    "check_combination",
+    "combines",
+    "mean_ci",
+    "meta_train",
+    "outer_optimizer",
+    "progress",
+    "run_jobs",
+]
 
 #: The weightings the examples compare. ``agreement_meta`` is the paper's Eq. 13 measured
 #: on MAML's meta-gradients instead of the inner-loop deltas (MAML only).
@@ -26,6 +35,29 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
     "nonnegative": NonNegativeAgreement,
     "cosine": CosineAgreement,
 }
+
+
+def combines(algorithm: str, weighting: str) -> bool:
+    """Whether ``weighting`` applies to ``algorithm`` (``agreement_meta`` is MAML only)."""
+    return not (weighting == "agreement_meta" and algorithm == "reptile")
+
+
+def check_combination(algorithm: str, weighting: str) -> None:
+    if not combines(algorithm, weighting):
+        raise ValueError("`agreement_meta` measures agreement on MAML's meta-gradients.")
+
+
+def outer_optimizer(
+    params: Iterable[Tensor], algorithm: str, lr: float, iterations: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD (Reptile's α) or Adam (MAML's β), its learning rate annealed linearly to 0."""
+    optimizer: torch.optim.Optimizer
+    if algorithm == "reptile":
+        optimizer = torch.optim.SGD(params, lr=lr)
+    else:
+        optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / iterations)
+    return optimizer, schedule
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:

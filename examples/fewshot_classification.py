@@ -41,7 +41,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import WEIGHTINGS, mean_ci, meta_train, run_jobs
+from _common import (
+    WEIGHTINGS,
+    check_combination,
+    combines,
+    mean_ci,
+    meta_train,
+    outer_optimizer,
+    run_jobs,
+)
 from fewshot_data import (
     FewShotSplit,
     load_digits,
@@ -86,7 +94,7 @@ class Config:
         and 20-way) and miniImageNet; for the digits, Finn et al.'s miniImageNet inner loop
         with a smaller budget (inner lr 0.1 chosen on the Mean baseline)."""
         defaults: dict[str, Any] = {"dataset": dataset, "algorithm": algorithm}
-        if dataset == "omniglot" and (overrides.get("ways") or 5) >= 20:
+        if dataset == "omniglot" and (overrides.get("ways") or Config.ways) >= 20:
             defaults.update(
                 hidden=64, iterations=60_000, meta_batch=16, inner_steps=5, inner_lr=0.1,
                 eval_steps=5, eval_episodes=600,
@@ -207,16 +215,12 @@ def train(
     model: nn.Module, weighting: str, seed: int, cfg: Config, progress: bool = False
 ) -> dict[str, Any]:
     """Meta-train ``model`` in place; returns the weight statistics over training."""
-    if weighting == "agreement_meta" and cfg.algorithm == "reptile":
-        raise ValueError("`agreement_meta` measures agreement on MAML's meta-gradients.")
+    check_combination(cfg.algorithm, weighting)
     split = load_split(cfg.dataset, cfg.data_root, "train")
     gen = torch.Generator().manual_seed(seed)
-    outer: torch.optim.Optimizer
-    if cfg.algorithm == "reptile":
-        outer = torch.optim.SGD(model.parameters(), lr=cfg.outer_lr)
-    else:
-        outer = torch.optim.Adam(model.parameters(), lr=cfg.outer_lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(outer, lambda it: 1.0 - it / cfg.iterations)
+    outer, schedule = outer_optimizer(
+        model.parameters(), cfg.algorithm, cfg.outer_lr, cfg.iterations
+    )
     agreement = FuncAgreement(model, outer, weighting=WEIGHTINGS[weighting]())
 
     def step() -> Tensor:
@@ -360,15 +364,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         overrides.update(iterations=args.iterations or 10, eval_episodes=20)
         args.seeds = args.seeds[:2]
     jobs = [
-        (w, s, Config.for_run(args.dataset, a, shots=k, **overrides), not args.quick)
+        (
+            w,
+            s,
+            Config.for_run(args.dataset, a, shots=k, **overrides),
+            not args.quick and args.jobs == 1,  # bars of parallel runs would interleave
+        )
         for a in args.algorithms
         for k in args.shots
         for w in args.weightings
-        if not (w == "agreement_meta" and a == "reptile")
+        if combines(a, w)
         for s in args.seeds
     ]
-    if args.jobs > 1:  # one bar per run would interleave; keep the bar over runs
-        jobs = [(w, s, cfg, False) for w, s, cfg, _ in jobs]
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     runs = run_jobs(run_one, jobs, args.jobs, args.quick)

@@ -44,7 +44,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import WEIGHTINGS, mean_ci, meta_train, run_jobs
+from _common import (
+    WEIGHTINGS,
+    check_combination,
+    combines,
+    mean_ci,
+    meta_train,
+    outer_optimizer,
+    run_jobs,
+)
 from torch import Tensor
 
 from ga_optim import GradientAgreementAggregator
@@ -185,16 +193,10 @@ def train(
     weighting: str, seed: int, cfg: Config, progress: bool = False
 ) -> tuple[list[Tensor], dict[str, Any]]:
     """Meta-train θ; returns it and the weight statistics over training."""
-    if weighting == "agreement_meta" and cfg.algorithm == "reptile":
-        raise ValueError("`agreement_meta` measures agreement on MAML's meta-gradients.")
+    check_combination(cfg.algorithm, weighting)
     gen = torch.Generator().manual_seed(seed)
     theta = [p.requires_grad_() for p in init_mlp(gen)]
-    outer: torch.optim.Optimizer
-    if cfg.algorithm == "reptile":
-        outer = torch.optim.SGD(theta, lr=cfg.outer_lr)
-    else:
-        outer = torch.optim.Adam(theta, lr=cfg.outer_lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(outer, lambda it: 1.0 - it / cfg.iterations)
+    outer, schedule = outer_optimizer(theta, cfg.algorithm, cfg.outer_lr, cfg.iterations)
     aggregator = GradientAgreementAggregator(theta, outer, weighting=WEIGHTINGS[weighting]())
 
     def step() -> Tensor:
@@ -416,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (w, s, cfgs[a], not args.quick and args.jobs == 1)
         for a in args.algorithms
         for w in args.weightings
-        if not (w == "agreement_meta" and a == "reptile")
+        if combines(a, w)
         for s in args.seeds
     ]
     args.out.mkdir(parents=True, exist_ok=True)

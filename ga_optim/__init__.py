@@ -5,10 +5,12 @@ private.
 """
 
 from ._aggregator import AgreementDiagnostics, GradientAgreementAggregator
+from ._checks import NonFiniteError
 from ._weightings import (
     Agreement,
     CosineAgreement,
     Mean,
+    Needs,
     NonNegativeAgreement,
     Weighting,
     agreement_weights,
@@ -22,6 +24,8 @@ __all__ = [
     "CosineAgreement",
     "GradientAgreementAggregator",
     "Mean",
+    "Needs",
+    "NonFiniteError",
     "NonNegativeAgreement",
     "Weighting",
     "__version__",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -11,8 +12,9 @@ import torch
 from torch import Tensor
 
 from ._checks import TaskBatch, as_task_batch, check_gramian, check_params, locate_non_finite
-from ._kernels import default_foreach, weighted_sum
-from ._weightings import Agreement, Weighting
+from ._collective import code_dtype, dtype_code, make_collective
+from ._kernels import default_foreach, materialize, weighted_sum
+from ._weightings import Agreement, Weighting, weights_of_batch
 from ._weights import task_cosines
 
 __all__ = ["AgreementDiagnostics", "GradientAgreementAggregator"]
@@ -28,11 +30,17 @@ class AgreementDiagnostics:
         cosines: each task's cosine with the mean of the agreement vectors ``[N]``, or
             ``None`` unless the aggregator was built with ``track_cosines=True`` (it costs
             one more pass over the vectors). Zero for an all-zero vector.
+        bytes_sent: the payload bytes this rank handed to ``torch.distributed`` collectives
+            in that call (0 without a process group).
+
+    In a process group every field describes the whole meta-batch and is the same on
+    every rank.
     """
 
     weights: Tensor
     num_negative: int
     cosines: Tensor | None
+    bytes_sent: int = 0
 
 
 class GradientAgreementAggregator:
@@ -62,6 +70,35 @@ class GradientAgreementAggregator:
         foreach: use ``torch._foreach_*`` kernels (default) or the per-tensor loop.
         track_cosines: record each task's cosine with the mean update in
             :attr:`last_diagnostics` (one more pass over the vectors).
+        process_group: ``None`` (default): one process, even where a default process group
+            is initialised. A ``torch.distributed`` process group (e.g.
+            ``torch.distributed.group.WORLD``): the meta-batch is spread over its ranks.
+            Each rank passes only its own tasks (possibly none: an empty list) to
+            :meth:`weights` / :meth:`aggregate` / :meth:`step`, and every rank must call
+            them together. The result equals one process over all tasks concatenated in
+            rank order; the returned weights ``[N]`` are global (rank order, then local
+            order) and identical on every rank, and so is the update, so ranks that start
+            from the same parameters and optimizer state stay identical. What is sent per
+            step depends on the weighting (see :class:`~ga_optim.Weighting`): for
+            :class:`~ga_optim.Agreement` two P-sized all-reduces and N scores, never a
+            task's vector. Bad input on any rank raises the same exception on every rank
+            (its message names the rank, task and parameter) before anything is written.
+            A rank that dies makes the others raise once the process group's ``timeout``
+            (``init_process_group(timeout=...)``) runs out, or sooner if the backend sees
+            the connection close.
+
+    Distributed use (``torchrun --nproc_per_node 2 train.py``)::
+
+        torch.distributed.init_process_group("gloo")        # "nccl" with one GPU a rank
+        aggregator = GradientAgreementAggregator(
+            model.parameters(), outer, process_group=torch.distributed.group.WORLD
+        )
+        weights = aggregator.step(my_tasks_deltas)           # this rank's tasks only
+
+    Do not wrap the model in ``DistributedDataParallel``: DDP averages ``.grad`` during
+    ``backward``, which is exactly the one number per parameter that gradient agreement
+    cannot use. The aggregator is the synchronisation; pass a DDP-wrapped model's
+    ``.module.parameters()`` and compute each task's vectors under ``model.no_sync()``.
 
     Example:
         >>> import torch
@@ -83,6 +120,7 @@ class GradientAgreementAggregator:
         weighting: Weighting | None = None,
         foreach: bool | None = None,
         track_cosines: bool = False,
+        process_group: Any = None,
     ) -> None:
         self.params = check_params(params)
         for p, param in enumerate(self.params):
@@ -113,6 +151,8 @@ class GradientAgreementAggregator:
             )
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"`foreach` should be a bool or None. Found `{foreach!r}`.")
+        self._collective = make_collective(process_group)
+        self.process_group = process_group
         self.optimizer = optimizer
         self.weighting = weighting
         self.foreach = foreach
@@ -130,42 +170,166 @@ class GradientAgreementAggregator:
 
     # -- the three levels: weights, aggregate, step -------------------------------------
 
-    def _batch(self, task_vectors: object, name: str) -> TaskBatch:
-        return as_task_batch(task_vectors, name, self.params)
+    @property
+    def distributed(self) -> bool:
+        """Whether the meta-batch is spread over a process group."""
+        return self.process_group is not None
 
     def _foreach(self, batch: TaskBatch) -> bool:
         return default_foreach(batch) if self.foreach is None else self.foreach
 
-    def _weights_of(
-        self, batch: TaskBatch, gramian: Tensor | None, *, combined: bool = False
-    ) -> Tensor:
-        """The weighting applied to ``batch`` (or to ``gramian``); raises, naming the task
-        and parameter, if the values the weights stand for are not finite. ``combined``:
-        ``batch`` is also what gets combined, whose output check then covers a weighting
-        that does not read the values (``Mean``), so no extra pass is spent on it."""
+    def _local(
+        self, task_vectors: object, agreement_vectors: object, gramian: Tensor | None
+    ) -> tuple[TaskBatch, TaskBatch]:
+        """This rank's input, validated: the vectors to combine and those to measure."""
+        if gramian is not None and self.distributed:
+            raise ValueError(
+                "`gramian` cannot be given with a `process_group`: each rank holds only its "
+                "own tasks. Pass the task vectors; a weighting that needs the Gramian gets "
+                "it assembled across ranks."
+            )
+        if agreement_vectors is not None and gramian is not None:
+            raise TypeError("Pass at most one of `agreement_vectors` and `gramian`.")
+        empty = self.distributed
+        batch = as_task_batch(task_vectors, "task_vectors", self.params, allow_empty=empty)
+        measured = batch
+        if agreement_vectors is not None:
+            measured = as_task_batch(
+                agreement_vectors, "agreement_vectors", self.params, allow_empty=empty
+            )
+            if measured.num_tasks != batch.num_tasks:
+                raise ValueError(
+                    f"`agreement_vectors` holds {measured.num_tasks} tasks; `task_vectors` "
+                    f"holds {batch.num_tasks}. Both must describe the same meta-batch."
+                )
+            if self.weighting.needs == "count":
+                # Mean never reads these values; check them here, once, so NaN is not
+                # let through silently.
+                locate_non_finite(measured)
+        return batch, measured
+
+    def _prepare(
+        self, task_vectors: object, agreement_vectors: object, gramian: Tensor | None
+    ) -> tuple[TaskBatch, TaskBatch]:
+        """Validate this rank's input; in a process group, agree with every rank (one small
+        all-reduce) so that bad input anywhere raises everywhere, before any arithmetic."""
+        error: Exception | None = None
+        signature: list[int] = [0] * (2 + 2 * len(self.params))
+        try:
+            batch, measured = self._local(task_vectors, agreement_vectors, gramian)
+            signature = [
+                batch.num_tasks,
+                int(agreement_vectors is not None),
+                *map(dtype_code, batch.dtypes),
+                *map(dtype_code, measured.dtypes),
+            ]
+        except (TypeError, ValueError) as found:
+            error = found
+        rows = self._collective.agree(error, signature)
+        if not self.distributed:
+            return batch, measured
+        return self._merge(rows, batch, measured)
+
+    def _merge(
+        self, rows: list[list[int]], batch: TaskBatch, measured: TaskBatch
+    ) -> tuple[TaskBatch, TaskBatch]:
+        """Every rank's signature → the global view (the same on every rank, so any error
+        raised here is raised everywhere)."""
+        world = len(rows)
+        counts = tuple(row[0] for row in rows)
+        if sum(counts) == 0:
+            raise ValueError(
+                f"`task_vectors` holds no task on any of the {world} ranks; at least one "
+                "rank should pass a task."
+            )
+        forms = {row[1] for row, count in zip(rows, counts) if count}
+        if len(forms) > 1:
+            given = [r for r, row in enumerate(rows) if row[1] and counts[r]]
+            raise ValueError(
+                f"Ranks {given} passed `agreement_vectors` and the other ranks with tasks did "
+                "not: every rank should call with the same form (MAML or Reptile)."
+            )
+        n_params = len(self.params)
+        merged = []
+        for what, (local, column) in {
+            "task_vectors": (batch, 2),
+            "agreement_vectors": (measured, 2 + n_params),
+        }.items():
+            dtypes: list[torch.dtype | None] = []
+            for p in range(n_params):
+                codes = {r: row[column + p] for r, row in enumerate(rows) if row[column + p]}
+                if len(set(codes.values())) > 1:
+                    (r1, c1), (r2, c2) = [
+                        next((r, c) for r, c in codes.items() if c == code)
+                        for code in sorted(set(codes.values()))[:2]
+                    ]
+                    raise TypeError(
+                        f"`{what}` parameter {p} has dtype {code_dtype(c1)} on rank {r1} and "
+                        f"{code_dtype(c2)} on rank {r2}; every rank should pass the same "
+                        "dtypes."
+                    )
+                dtypes.append(code_dtype(next(iter(codes.values()))) if codes else None)
+            merged.append(
+                dataclasses.replace(
+                    local,
+                    all_dtypes=dtypes,
+                    counts=counts,
+                    first_task=sum(counts[: self._collective.rank]),
+                )
+            )
+        if measured is batch:
+            return merged[0], merged[0]
+        return merged[0], merged[1]
+
+    def _weights_of(self, measured: TaskBatch, gramian: Tensor | None) -> Tensor:
+        """The weighting applied to ``measured`` (every rank's tasks) or to ``gramian``."""
         if gramian is not None:
             checked = check_gramian(gramian)
-            if checked.shape[0] != batch.num_tasks:
+            if checked.shape[0] != measured.num_tasks:
                 raise ValueError(
                     f"`gramian` is {tuple(checked.shape)}; `task_vectors` holds "
-                    f"{batch.num_tasks} tasks, so expected ({batch.num_tasks}, {batch.num_tasks})."
+                    f"{measured.num_tasks} tasks, so expected "
+                    f"({measured.num_tasks}, {measured.num_tasks})."
                 )
-            return self.weighting.from_gramian(checked)
-        if not self.weighting.reads_values and not combined:
-            locate_non_finite(batch)
-        weights = self.weighting._from_batch(batch, foreach=self._foreach(batch))
+            weights = self.weighting.from_gramian(checked)
+        else:
+            weights = weights_of_batch(
+                self.weighting,
+                measured,
+                foreach=self._foreach(measured),
+                collective=self._collective,
+            )
+        if weights.shape != (measured.total_tasks,):
+            raise ValueError(
+                f"{self.weighting!r} returned weights of shape {tuple(weights.shape)}; "
+                f"expected ({measured.total_tasks},)."
+            )
         if not bool(torch.isfinite(weights).all()):
-            locate_non_finite(batch)
+            raise ValueError(
+                f"{self.weighting!r} returned non-finite weights {weights.tolist()} from "
+                "finite input."
+            )
         return weights
 
     def weights(self, task_vectors: object = None, *, gramian: Tensor | None = None) -> Tensor:
-        """The weights ``[N]`` of ``task_vectors`` (shaped like ``params``) or of a Gramian."""
+        """The weights ``[N]`` of ``task_vectors`` (shaped like ``params``) or of a Gramian.
+
+        In a process group, each rank passes its own tasks and gets every task's weight.
+        """
         if (task_vectors is None) == (gramian is None):
             raise TypeError("Pass exactly one of `task_vectors` and `gramian`.")
         if gramian is not None:
+            if self.distributed:
+                raise ValueError(
+                    "`gramian` cannot be given with a `process_group`: pass the task vectors."
+                )
             return self.weighting.weights(gramian=gramian)
+        self._collective.reset_bytes()
         with torch.no_grad():
-            return self._weights_of(self._batch(task_vectors, "task_vectors"), None)
+            _, measured = self._prepare(task_vectors, None, None)
+            if self.weighting.needs == "count":  # the weights do not read the values
+                self._collective.raise_together(lambda: locate_non_finite(measured))
+            return self._weights_of(measured, None)
 
     def _aggregate(
         self,
@@ -173,36 +337,45 @@ class GradientAgreementAggregator:
         agreement_vectors: object,
         gramian: Tensor | None,
     ) -> tuple[list[Tensor], Tensor, AgreementDiagnostics]:
-        if agreement_vectors is not None and gramian is not None:
-            raise TypeError("Pass at most one of `agreement_vectors` and `gramian`.")
-        batch = self._batch(task_vectors, "task_vectors")
-        measured = batch
-        if agreement_vectors is not None:
-            measured = self._batch(agreement_vectors, "agreement_vectors")
-            if measured.num_tasks != batch.num_tasks:
-                raise ValueError(
-                    f"`agreement_vectors` holds {measured.num_tasks} tasks; `task_vectors` "
-                    f"holds {batch.num_tasks}. Both must describe the same meta-batch."
-                )
-        weights = self._weights_of(measured, gramian, combined=measured is batch)
+        collective = self._collective
+        collective.reset_bytes()
+        batch, measured = self._prepare(task_vectors, agreement_vectors, gramian)
+        weights = self._weights_of(measured, gramian)
         foreach = self._foreach(batch)
-        combined = weighted_sum(batch, weights.tolist(), foreach=foreach, out_dtype=True)
+        mine = weights[batch.first_task : batch.first_task + batch.num_tasks]
+        combined = materialize(batch, weighted_sum(batch, mine.tolist(), foreach=foreach))
+        collective.sum_([t for t in combined if t is not None])
         result = [
-            torch.zeros_like(param) if vector is None else vector
-            for vector, param in zip(combined, self.params)
+            torch.zeros_like(param)
+            if vector is None
+            else vector.to(dtype)
+            if dtype is not None and vector.dtype != dtype
+            else vector
+            for vector, param, dtype in zip(combined, self.params, batch.global_dtypes)
         ]
         magnitudes = torch.stack(torch._foreach_norm(result, math.inf))
         if not bool(torch.isfinite(magnitudes).all()):
-            locate_non_finite(batch)
-            if measured is not batch:
-                locate_non_finite(measured)
+
+            def find() -> None:
+                locate_non_finite(batch)
+                if measured is not batch:
+                    locate_non_finite(measured)
+
+            collective.raise_together(find)
             raise ValueError(
                 "The weighted sum of `task_vectors` overflowed its dtype "
-                f"({batch.dtypes}); rescale the vectors or use a wider dtype."
+                f"({batch.global_dtypes}); rescale the vectors or use a wider dtype."
             )
-        cosines = task_cosines(measured, foreach=foreach) if self.track_cosines else None
+        cosines = (
+            task_cosines(measured, foreach=foreach, collective=collective)
+            if self.track_cosines
+            else None
+        )
         diagnostics = AgreementDiagnostics(
-            weights=weights, num_negative=int((weights < 0).sum()), cosines=cosines
+            weights=weights,
+            num_negative=int((weights < 0).sum()),
+            cosines=cosines,
+            bytes_sent=collective.bytes_sent,
         )
         return result, weights, diagnostics
 

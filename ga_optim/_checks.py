@@ -14,7 +14,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["TaskBatch", "as_task_batch", "check_gramian", "check_params", "locate_non_finite"]
+__all__ = [
+    "NonFiniteError",
+    "TaskBatch",
+    "as_task_batch",
+    "check_gramian",
+    "check_params",
+    "locate_non_finite",
+]
+
+
+class NonFiniteError(ValueError):
+    """A task vector (or Gramian) holds NaN or ±Inf; the message names the argument, the task
+    and the parameter (and, in a process group, the rank).
+
+    A ``ValueError``, so existing ``except ValueError`` handlers still catch it; a training
+    loop that wants to treat divergence as a result catches this type.
+    """
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,13 @@ class TaskBatch:
     shapes: list[torch.Size | None]
     dtypes: list[torch.dtype | None]
     devices: list[torch.device | None]
+    #: The dtypes across every rank of a process group (a rank may lack a parameter that
+    #: another has); ``None``: the same as ``dtypes``.
+    all_dtypes: list[torch.dtype | None] | None = None
+    #: How many tasks each rank of a process group holds; ``None``: one process.
+    counts: tuple[int, ...] | None = None
+    #: Index of this rank's first task in the meta-batch (0 in one process).
+    first_task: int = 0
     #: Scratch space for the kernels (packed small parameters, the plan), per call.
     cache: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
@@ -41,6 +64,21 @@ class TaskBatch:
     @property
     def num_params(self) -> int:
         return len(self.shapes)
+
+    @property
+    def all_counts(self) -> tuple[int, ...]:
+        """Tasks per rank (``(num_tasks,)`` in one process)."""
+        return (self.num_tasks,) if self.counts is None else self.counts
+
+    @property
+    def total_tasks(self) -> int:
+        """Tasks over every rank: the meta-batch size N."""
+        return sum(self.all_counts)
+
+    @property
+    def global_dtypes(self) -> list[torch.dtype | None]:
+        """Each parameter's dtype on any rank (this rank's, in one process)."""
+        return self.dtypes if self.all_dtypes is None else self.all_dtypes
 
 
 def _shape(shape: torch.Size) -> tuple[int, ...]:
@@ -93,9 +131,9 @@ def _split_flat(flat: Tensor, name: str, params: list[Tensor]) -> list[list[Tens
 
 
 def _tensor_tasks(
-    task_vectors: Tensor, name: str, params: list[Tensor] | None
+    task_vectors: Tensor, name: str, params: list[Tensor] | None, allow_empty: bool
 ) -> list[list[Tensor | None]]:
-    if task_vectors.dim() == 0 or task_vectors.shape[0] == 0:
+    if task_vectors.dim() == 0 or (task_vectors.shape[0] == 0 and not allow_empty):
         raise ValueError(
             f"`{name}` should be a tensor [N, ...] with N >= 1 tasks along dimension 0. "
             f"Found shape {_shape(task_vectors.shape)}."
@@ -105,13 +143,15 @@ def _tensor_tasks(
     return _split_flat(task_vectors, name, params)
 
 
-def _sequence_tasks(task_vectors: object, name: str) -> list[list[Tensor | None]]:
+def _sequence_tasks(
+    task_vectors: object, name: str, allow_empty: bool
+) -> list[list[Tensor | None]]:
     if isinstance(task_vectors, (str, bytes)) or not isinstance(task_vectors, Sequence):
         raise TypeError(
             f"`{name}` should be a tensor [N, ...] or a sequence of N per-task sequences of "
             f"tensors. Found `{type(task_vectors).__name__}`."
         )
-    if len(task_vectors) == 0:
+    if len(task_vectors) == 0 and not allow_empty:
         raise ValueError(f"`{name}` should hold at least one task. Found an empty sequence.")
     tasks: list[list[Tensor | None]] = []
     for i, task in enumerate(task_vectors):
@@ -131,19 +171,24 @@ def _sequence_tasks(task_vectors: object, name: str) -> list[list[Tensor | None]
 
 
 def as_task_batch(
-    task_vectors: object, name: str = "task_vectors", params: list[Tensor] | None = None
+    task_vectors: object,
+    name: str = "task_vectors",
+    params: list[Tensor] | None = None,
+    *,
+    allow_empty: bool = False,
 ) -> TaskBatch:
     """Validate per-task vectors and return them as a :class:`TaskBatch`.
 
     Accepts a tensor ``[N, ...]`` (one parameter; or ``[N, sum(numel)]`` when ``params``
     has several) or a sequence of ``N`` sequences of tensors (``None`` counts as zeros).
     Checks types, counts, shapes, dtypes and devices; values are checked later, for free,
-    from the results (see :func:`locate_non_finite`).
+    from the results (see :func:`locate_non_finite`). ``allow_empty`` (a rank of a process
+    group with no task this step, ``params`` given) accepts zero tasks.
     """
     if isinstance(task_vectors, Tensor):
-        tasks = _tensor_tasks(task_vectors, name, params)
+        tasks = _tensor_tasks(task_vectors, name, params, allow_empty and params is not None)
     else:
-        tasks = _sequence_tasks(task_vectors, name)
+        tasks = _sequence_tasks(task_vectors, name, allow_empty and params is not None)
 
     num_params = len(params) if params is not None else len(tasks[0])
     for i, task in enumerate(tasks):
@@ -218,7 +263,9 @@ def check_gramian(gramian: object, name: str = "gramian") -> Tensor:
     bad = (~torch.isfinite(gramian)).nonzero()
     if bad.numel():
         i, j = bad[0].tolist()
-        raise ValueError(f"`{name}` should be finite. Found {gramian[i, j].item()} at [{i}, {j}].")
+        raise NonFiniteError(
+            f"`{name}` should be finite. Found {gramian[i, j].item()} at [{i}, {j}]."
+        )
     return gramian
 
 
@@ -235,6 +282,6 @@ def locate_non_finite(batch: TaskBatch) -> None:
             if bad.numel():
                 index = tuple(bad[0].tolist())
                 value = vector[index].item()
-                raise ValueError(
+                raise NonFiniteError(
                     f"`{batch.name}[{i}][{p}]` should be finite. Found {value} at index {index}."
                 )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -37,10 +37,11 @@ __all__ = [
     "PACK_ELEMENTS",
     "SMALL_NUMEL",
     "accumulation_dtype",
-    "agreement_scores_raw",
     "default_foreach",
     "dots_with",
     "gramian",
+    "materialize",
+    "task_sum",
     "weighted_sum",
 ]
 
@@ -198,70 +199,99 @@ def _flat(t: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
 
 
 def dots_with(
-    batch: TaskBatch, others: Sequence[Tensor | None], dtype: torch.dtype, scale: float = 1.0
+    batch: TaskBatch,
+    others: Sequence[Tensor | None],
+    dtype: torch.dtype,
+    scale: float = 1.0,
+    *,
+    foreach: bool = False,
 ) -> Tensor:
     """``r_i = Σ_p (scale · tasks[i][p]) · others[p]`` in ``dtype``, shape ``[N]``.
 
-    One BLAS dot per task and parameter, with no temporary beyond an upcast of the task
-    tensor for half-precision inputs (or a scaled copy when ``scale != 1``).
-    """
-    device = next(t.device for t in others if t is not None)
-    rows: list[Tensor] = []
-    for task in batch.tasks:
-        terms = [
-            torch.dot(_flat(vector, dtype, scale), _flat(other, dtype))
-            for vector, other in zip(task, others)
-            if vector is not None and other is not None
-        ]
-        rows.append(
-            torch.stack(terms).sum() if terms else torch.zeros((), dtype=dtype, device=device)
-        )
-    return torch.stack(rows)
-
-
-def agreement_scores_raw(
-    batch: TaskBatch, dtype: torch.dtype, scale: float = 1.0, *, foreach: bool
-) -> Tensor:
-    """``scale² · g_i · Σ_j g_j`` for each task, in ``dtype``: the two passes of Eq. (13).
-
-    On the foreach path each pack of small parameters is built once, used for its sum
-    and its dots, and dropped; large parameters take the task sum then one dot each.
+    On the foreach path each pack of small parameters is built once and takes one
+    matrix-vector product; other parameters take one BLAS dot per task, with no temporary
+    beyond an upcast of the task tensor for half-precision inputs (or a scaled copy when
+    ``scale != 1``).
     """
     plan = _plan(batch, foreach)
     device = next(d for d in batch.devices if d is not None)
     scores = torch.zeros(batch.num_tasks, dtype=dtype, device=device)
     for pack in plan.packs:
+        if any(others[p] is None for p in pack):
+            continue  # never the case: a parameter some task has has a sum
         matrix = _packed(batch, pack, dtype)
         if scale != 1.0:
             matrix = matrix * scale
-        scores += matrix @ matrix.sum(dim=0)
-    if plan.singles:
-        singles = TaskBatch(
-            tasks=[[task[p] for p in plan.singles] for task in batch.tasks],
-            name=batch.name,
-            shapes=[batch.shapes[p] for p in plan.singles],
-            dtypes=[batch.dtypes[p] for p in plan.singles],
-            devices=[batch.devices[p] for p in plan.singles],
-        )
-        coeffs = [scale] * batch.num_tasks
-        total = weighted_sum(singles, coeffs, foreach=foreach, acc_dtype=dtype, packing=False)
-        scores += dots_with(singles, total, dtype, scale)
+        vector = torch.cat([_flat(cast(Tensor, others[p]), dtype) for p in pack])
+        scores += matrix @ vector
+    singles = [p for p in plan.singles if others[p] is not None]
+    if singles:
+        rows: list[Tensor] = []
+        for task in batch.tasks:
+            terms = [
+                torch.dot(_flat(mine, dtype, scale), _flat(cast(Tensor, others[p]), dtype))
+                for p in singles
+                if (mine := task[p]) is not None
+            ]
+            rows.append(
+                torch.stack(terms).sum() if terms else torch.zeros((), dtype=dtype, device=device)
+            )
+        scores += torch.stack(rows)
     return scores
 
 
-def gramian(batch: TaskBatch, dtype: torch.dtype | None = None) -> Tensor:
-    """The full Gramian ``G_ij = g_i · g_j`` (O(N²·P)): the fallback for custom weightings."""
-    present = [t for task in batch.tasks for t in task if t is not None]
-    if not present:
-        return torch.zeros(batch.num_tasks, batch.num_tasks)
-    acc = dtype or accumulation_dtype(present[0].dtype)
-    for t in present:
-        acc = torch.promote_types(acc, accumulation_dtype(t.dtype))
-    n = batch.num_tasks
-    result = torch.zeros(n, n, dtype=acc, device=present[0].device)
+def materialize(
+    batch: TaskBatch, tensors: list[Tensor | None], dtype: torch.dtype | None = None
+) -> list[Tensor | None]:
+    """Zeros for each parameter that this rank's tasks lack but another rank's have.
+
+    A collective needs the same tensors on every rank. In ``dtype``, or the accumulation
+    dtype of the parameter's dtype across ranks. In one process nothing changes.
+    """
+    out = list(tensors)
+    for p, (t, global_dtype) in enumerate(zip(tensors, batch.global_dtypes)):
+        if t is None and global_dtype is not None:
+            shape, device = batch.shapes[p], batch.devices[p]
+            assert shape is not None
+            out[p] = torch.zeros(
+                shape, dtype=dtype or accumulation_dtype(global_dtype), device=device
+            )
+    return out
+
+
+def task_sum(
+    batch: TaskBatch, dtype: torch.dtype, scale: float = 1.0, *, foreach: bool
+) -> list[Tensor | None]:
+    """``scale · Σ_i g_i`` for every parameter, in ``dtype`` (``None`` where no task, on any
+    rank, has the parameter)."""
+    coeffs = [scale] * batch.num_tasks
+    return materialize(batch, weighted_sum(batch, coeffs, foreach=foreach, acc_dtype=dtype), dtype)
+
+
+def gramian(batch: TaskBatch, dtype: torch.dtype | None = None, gather: Any = None) -> Tensor:
+    """The full Gramian ``G_ij = g_i · g_j`` (O(N²·P)): the fallback for custom weightings.
+
+    ``gather`` (a function ``[n_local, k] -> [N, k]``, from a collective) brings every
+    rank's rows of one parameter together; by default this rank's tasks are all the tasks.
+    """
+    acc = dtype or torch.float32
+    for d in batch.global_dtypes:
+        if d is not None:
+            acc = torch.promote_types(acc, accumulation_dtype(d))
+    device = next(d for d in batch.devices if d is not None)
+    result: Tensor | None = None
     for p in range(batch.num_params):
-        if batch.dtypes[p] is None:
+        if batch.global_dtypes[p] is None:
             continue
-        matrix = _packed(batch, [p], acc)  # one parameter's copy at a time
-        result += matrix @ matrix.T
+        numel = cast(torch.Size, batch.shapes[p]).numel()
+        if batch.dtypes[p] is None:  # no local task has it: zeros, to take part in gather
+            matrix = torch.zeros(batch.num_tasks, numel, dtype=acc, device=device)
+        else:
+            matrix = _packed(batch, [p], acc)  # one parameter's block alive at a time
+        if gather is not None:
+            matrix = gather(matrix)
+        product = matrix @ matrix.T
+        result = product if result is None else result + product
+    if result is None:
+        return torch.zeros(batch.num_tasks, batch.num_tasks, dtype=acc, device=device)
     return result

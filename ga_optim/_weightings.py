@@ -1,18 +1,21 @@
 """Weightings: objects that map a meta-batch of task vectors to one weight per task.
 
 A weighting is the *what*; :class:`~ga_optim.GradientAgreementAggregator` is the *how*
-(combining and stepping). A new weighting is a small class: implement
-:meth:`Weighting.from_gramian`, and optionally an O(N·P) path from the vectors.
+(combining, stepping, spreading over processes). A new weighting is one small class with
+one public method: :meth:`Weighting.from_gramian`, or, for a weighting that reads only the
+agreement scores ``r = G·1``, :meth:`Weighting.from_scores` with ``needs = "scores"``.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from ._checks import TaskBatch, as_task_batch, check_gramian, locate_non_finite
+from ._collective import Collective, LocalCollective
 from ._kernels import accumulation_dtype, gramian
 from ._weights import (
     agreement_scores,
@@ -21,21 +24,79 @@ from ._weights import (
     uniform_weights,
 )
 
-__all__ = ["Agreement", "Mean", "NonNegativeAgreement", "Weighting", "agreement_weights"]
+__all__ = [
+    "Agreement",
+    "CosineAgreement",
+    "Mean",
+    "Needs",
+    "NonNegativeAgreement",
+    "Weighting",
+    "agreement_weights",
+    "weights_of_batch",
+]
+
+#: What a weighting reads of the task vectors; see :attr:`Weighting.needs`.
+Needs = Literal["count", "scores", "unit_scores", "gramian"]
 
 
-class Weighting(ABC):
-    """Base class: weights ``[N]`` from per-task vectors or their Gramian ``G = J Jᵀ``.
+class Weighting:
+    r"""Base class: weights ``[N]`` from per-task vectors or their Gramian ``G = J Jᵀ``.
 
-    Subclasses implement :meth:`from_gramian`. The default path from vectors builds the
-    full Gramian (O(N²·P)) in float64 — exact in range for fp32/fp16/bf16 vectors, whose
-    squares float64 holds — and returns the weights in the vectors' accumulation dtype;
-    weightings that need less override :meth:`_from_batch`.
+    **The contract.** A subclass implements one public method:
+
+    * :meth:`from_gramian` ``(G [N, N]) -> w [N]`` — any weighting (``needs = "gramian"``,
+      the default). From vectors, the aggregator builds the full Gramian in float64
+      (O(N²·P); in a process group every task's vector is gathered, N × P floats).
+    * or :meth:`from_scores` ``(r [N]) -> w [N]`` with ``needs = "scores"`` — a weighting
+      whose weights depend on ``G`` only through the agreement scores
+      :math:`r = G\mathbf 1`, :math:`r_i = g_i^\top \sum_j g_j`. From vectors this is
+      O(N·P) and, in a process group, sends one P-sized sum and N scores. ``from_gramian``
+      then comes for free.
+
+    ``needs`` says what the weights read, and so what the aggregator computes and what
+    crosses the wire between ranks:
+
+    =============== ======================================== ================================
+    ``needs``       ``from_scores`` receives                 per step, in a process group
+    =============== ======================================== ================================
+    ``"count"``     zeros ``[N]`` (only N matters)           the update: P floats (as DDP)
+    ``"scores"``    :math:`r = G\mathbf 1`                    2 × P floats + N scores
+    ``"unit_scores"`` :math:`\hat G\mathbf 1` of unit vectors 2 × P floats + N scores
+    ``"gramian"``   (``from_gramian`` gets ``G``)            N × P + P floats
+    =============== ======================================== ================================
+
+    Weights are computed in float64 from float64 statistics where the input is float64,
+    and returned in the vectors' accumulation dtype (float32 for fp16/bf16/fp32).
+
+    Example — a weighting of your own (scores ``r`` clamped at 0), checked by
+    ``ga_optim.testing``:
+
+        >>> import torch
+        >>> from ga_optim import Weighting
+        >>> class PositiveScores(Weighting):
+        ...     needs: ClassVar[Needs] = "scores"
+        ...     def from_scores(self, scores):
+        ...         positive, n = scores.clamp(min=0), len(scores)
+        ...         total = positive.sum()
+        ...         return torch.where(total > 0, positive / total, 1 / n)
+        >>> w = PositiveScores()(torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]]))
+        >>> [round(x, 3) for x in w.tolist()]   # r = G·1 = [1, 2, -1]
+        [0.333, 0.667, 0.0]
+        >>> from ga_optim.testing import assert_weighting_invariants
+        >>> batch = [[torch.randn(3, dtype=torch.float64)] for _ in range(4)]
+        >>> assert_weighting_invariants(PositiveScores(), batch, signed=False)
     """
 
-    #: Whether the weights depend on the vectors' values. A weighting that reads only their
-    #: number (``Mean``) sets it to False, and callers then check the values are finite.
-    reads_values: bool = True
+    #: What the weights read: ``"count"``, ``"scores"``, ``"unit_scores"`` or
+    #: ``"gramian"`` (the default; see the table above).
+    needs: ClassVar[Needs] = "gramian"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.needs not in get_args(Needs):
+            raise TypeError(
+                f"`{cls.__name__}.needs` should be one of {get_args(Needs)}. Found {cls.needs!r}."
+            )
 
     def weights(
         self,
@@ -51,24 +112,92 @@ class Weighting(ABC):
         if gramian is not None:
             return self.from_gramian(check_gramian(gramian))
         batch = as_task_batch(task_vectors)
-        if not self.reads_values:
-            locate_non_finite(batch)
-        return self._from_batch(batch, foreach=foreach)
+        if self.needs == "count":
+            locate_non_finite(batch)  # the weights do not read the values: check them here
+        return weights_of_batch(self, batch, foreach=foreach)
 
     __call__ = weights
 
-    @abstractmethod
     def from_gramian(self, gramian: Tensor) -> Tensor:
-        """Weights ``[N]`` from a validated Gramian ``[N, N]``."""
+        """Weights ``[N]`` from a validated Gramian ``[N, N]``.
 
-    def _from_batch(self, batch: TaskBatch, *, foreach: bool | None) -> Tensor:
-        matrix = gramian(batch, torch.float64)
-        if not bool(torch.isfinite(matrix).all()):
-            locate_non_finite(batch)
-        return self.from_gramian(matrix).to(uniform_weights(batch).dtype)
+        Implement this (``needs = "gramian"``), or :meth:`from_scores`: for the other
+        ``needs`` the default derives the statistic from ``gramian`` and calls it.
+        """
+        if self.needs == "gramian":
+            raise NotImplementedError(
+                f"{type(self).__name__} should implement from_gramian(gramian), or set "
+                "`needs = 'scores'` and implement from_scores(scores)."
+            )
+        return self.from_scores(scores_from_gramian(gramian, self.needs))
+
+    def from_scores(self, scores: Tensor) -> Tensor:
+        """Weights ``[N]`` from the statistic named by :attr:`needs` (finite, ``[N]``).
+
+        Implement this with ``needs = "scores"``, ``"unit_scores"`` or ``"count"``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has needs={self.needs!r} and should implement "
+            "from_scores(scores)" + (" (or from_gramian)." if self.needs == "gramian" else ".")
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def scores_from_gramian(gramian: Tensor, needs: Needs) -> Tensor:
+    """The statistic that ``needs`` names, read off a Gramian ``[N, N]``."""
+    dtype = accumulation_dtype(gramian.dtype)
+    if needs == "count":
+        return torch.zeros(gramian.shape[0], dtype=dtype, device=gramian.device)
+    if needs == "unit_scores":
+        norms = gramian.diagonal().clamp(min=0).sqrt()
+        tiny = torch.finfo(norms.dtype).tiny
+        inverse = torch.where(norms > 0, 1.0 / norms.clamp(min=tiny), 0.0)
+        gramian = gramian * inverse[:, None] * inverse[None, :]
+    return gramian.sum(dim=1).to(dtype)
+
+
+_LOCAL = LocalCollective()
+
+
+def weights_of_batch(
+    weighting: Weighting,
+    batch: TaskBatch,
+    *,
+    foreach: bool | None = None,
+    collective: Collective = _LOCAL,
+) -> Tensor:
+    """The weights ``[N]`` of a validated batch (every rank's tasks, in a process group):
+    computes what ``weighting.needs`` and hands it over. Raises (on every rank) naming the
+    task and parameter if a value the weights read is not finite."""
+    dtype = uniform_weights(batch).dtype
+    find: Callable[[], None] = lambda: locate_non_finite(batch)  # noqa: E731
+    if weighting.needs == "count":
+        statistic = torch.zeros(batch.total_tasks, dtype=dtype, device=_device(batch))
+        return weighting.from_scores(statistic).to(dtype)
+    if weighting.needs == "scores":
+        statistic = agreement_scores(batch, foreach=foreach, collective=collective)
+    elif weighting.needs == "unit_scores":
+        statistic = cosine_agreement_scores(batch, foreach=foreach, collective=collective)
+    else:
+        matrix = gramian(
+            batch, torch.float64, None if batch.counts is None else _gather(collective, batch)
+        )
+        if not bool(torch.isfinite(matrix).all()):
+            collective.raise_together(find)
+        return weighting.from_gramian(matrix).to(dtype)
+    if not bool(torch.isfinite(statistic).all()):
+        collective.raise_together(find)
+    return weighting.from_scores(statistic).to(dtype)
+
+
+def _device(batch: TaskBatch) -> torch.device:
+    return next(d for d in batch.devices if d is not None)
+
+
+def _gather(collective: Collective, batch: TaskBatch) -> Callable[[Tensor], Tensor]:
+    return lambda local: collective.gather(local, batch.all_counts)
 
 
 class Mean(Weighting):
@@ -84,16 +213,10 @@ class Mean(Weighting):
         tensor([0.2500, 0.2500, 0.2500, 0.2500])
     """
 
-    reads_values = False
+    needs: ClassVar[Needs] = "count"
 
-    def from_gramian(self, gramian: Tensor) -> Tensor:
-        n = gramian.shape[0]
-        return torch.full(
-            (n,), 1.0 / n, dtype=accumulation_dtype(gramian.dtype), device=gramian.device
-        )
-
-    def _from_batch(self, batch: TaskBatch, *, foreach: bool | None) -> Tensor:
-        return uniform_weights(batch)
+    def from_scores(self, scores: Tensor) -> Tensor:
+        return torch.full_like(scores, 1.0 / scores.numel())
 
 
 class Agreement(Weighting):
@@ -104,17 +227,15 @@ class Agreement(Weighting):
         w_i = \frac{\sum_j g_i^\top g_j}{\sum_k \left|\sum_j g_k^\top g_j\right|}
 
     Eq. (13) and Algorithm 1, line 8, of Eshratifar, Eigen & Pedram (2018); see
-    :func:`ga_optim.agreement_weights`, which this class wraps. O(N·P) from vectors.
+    :func:`ga_optim.agreement_weights`, which this class wraps. O(N·P) from vectors; in a
+    process group, one all-reduce of the task sum (P floats), N scores gathered, one
+    all-reduce of the update (P floats).
     """
 
-    def from_gramian(self, gramian: Tensor) -> Tensor:
-        return self._normalize(gramian.sum(dim=1).to(accumulation_dtype(gramian.dtype)))
+    needs: ClassVar[Needs] = "scores"
 
-    def _from_batch(self, batch: TaskBatch, *, foreach: bool | None) -> Tensor:
-        return self._normalize(agreement_scores(batch, foreach=foreach))
-
-    def _normalize(self, scores: Tensor) -> Tensor:
-        """Map the agreement scores ``r = G·1`` to weights."""
+    def from_scores(self, scores: Tensor) -> Tensor:
+        """``w_i = r_i / Σ_k |r_k|``; uniform when every score is zero."""
         return signed_normalize(scores)
 
 
@@ -128,10 +249,10 @@ class NonNegativeAgreement(Agreement):
     so :math:`w_i \ge 0` and :math:`\sum_i w_i = 1`: a task that opposes the batch is
     dropped rather than ascended. Not in the paper; an opt-in variant for users who do not
     want a disagreeing task's loss to be maximised. All scores ``<= 0`` (which happens only
-    when the mean update is zero) give uniform weights.
+    when the mean update is zero) give uniform weights. Costs as :class:`Agreement`.
     """
 
-    def _normalize(self, scores: Tensor) -> Tensor:
+    def from_scores(self, scores: Tensor) -> Tensor:
         positive = scores.clamp(min=0)
         total = positive.sum()
         if not bool(total > 0):
@@ -209,17 +330,18 @@ class CosineAgreement(Agreement):
     weights are uniform. Not in the paper: an opt-in variant, ablated in
     ``docs/RESULTS.md``. A zero vector counts as a zero direction. Unlike the paper's
     weights, the combined update may oppose the mean of the raw vectors.
+
+    Both paths apply one rule to the scores :math:`\hat r = \hat G\mathbf 1`: when
+    :math:`\lVert\sum_i \hat g_i\rVert^2 = \sum_i \hat r_i` is at or below
+    :math:`4N^2\varepsilon` (the rounding noise of a Gramian's :math:`N^2` unit-scale
+    entries) the directions cancel and the weights are uniform. Costs as
+    :class:`Agreement` (the all-reduced sum is of unit vectors).
     """
 
-    def from_gramian(self, gramian: Tensor) -> Tensor:
-        norms = gramian.diagonal().clamp(min=0).sqrt()
-        inverse = torch.where(norms > 0, 1.0 / norms.clamp(min=torch.finfo(norms.dtype).tiny), 0.0)
-        unit = gramian * inverse[:, None] * inverse[None, :]
-        # ‖Σ ĝ‖² = 1ᵀĜ1 sums N² rounded entries: below 4·N²·eps it is rounding noise.
-        n = gramian.shape[0]
-        if float(unit.sum()) <= 4 * n * n * torch.finfo(unit.dtype).eps:
-            return torch.full((n,), 1.0 / n, dtype=unit.dtype, device=unit.device)
-        return super().from_gramian(unit)
+    needs: ClassVar[Needs] = "unit_scores"
 
-    def _from_batch(self, batch: TaskBatch, *, foreach: bool | None) -> Tensor:
-        return self._normalize(cosine_agreement_scores(batch, foreach=foreach))
+    def from_scores(self, scores: Tensor) -> Tensor:
+        n = scores.numel()
+        if float(scores.sum()) <= 4 * n * n * torch.finfo(scores.dtype).eps:
+            return torch.full_like(scores, 1.0 / n)
+        return signed_normalize(scores)

@@ -8,11 +8,8 @@ import torch
 from torch import Tensor
 
 from ._checks import TaskBatch, locate_non_finite
-from ._kernels import (
-    accumulation_dtype,
-    agreement_scores_raw,
-    default_foreach,
-)
+from ._collective import Collective, LocalCollective
+from ._kernels import accumulation_dtype, default_foreach, dots_with, materialize, task_sum
 
 __all__ = [
     "agreement_scores",
@@ -23,10 +20,13 @@ __all__ = [
 ]
 
 
+_LOCAL = LocalCollective()
+
+
 def _batch_dtype_device(batch: TaskBatch) -> tuple[torch.dtype, torch.device]:
     dtype = torch.float32
     device = torch.device("cpu")
-    for p_dtype, p_device in zip(batch.dtypes, batch.devices):
+    for p_dtype, p_device in zip(batch.global_dtypes, batch.devices):
         if p_dtype is not None:
             dtype = torch.promote_types(dtype, accumulation_dtype(p_dtype))
         if p_device is not None:
@@ -37,17 +37,22 @@ def _batch_dtype_device(batch: TaskBatch) -> tuple[torch.dtype, torch.device]:
 def uniform_weights(batch: TaskBatch) -> Tensor:
     """``1/N`` for each of the batch's ``N`` tasks, in its accumulation dtype."""
     dtype, device = _batch_dtype_device(batch)
-    n = batch.num_tasks
+    n = batch.total_tasks
     return torch.full((n,), 1.0 / n, dtype=dtype, device=device)
 
 
-def _unit_scale(batch: TaskBatch) -> float:
+def _unit_scale(batch: TaskBatch, collective: Collective) -> float:
     """A power of two ``c`` with ``c·max|g| ∈ [0.5, 1)``, or 0 for all-zero vectors.
 
-    A power of two scales exactly, so sums that cancel exactly still do.
+    A power of two scales exactly, so sums that cancel exactly still do. ``max|g|`` is over
+    every rank's tasks.
     """
     present = [t for task in batch.tasks for t in task if t is not None and t.numel()]
-    largest = max((float(t.abs().max()) for t in present), default=0.0)
+    local = max((float(t.abs().max()) for t in present), default=0.0)
+    _, device = _batch_dtype_device(batch)
+    largest_t = torch.tensor([local], dtype=torch.float64, device=device)
+    collective.max_(largest_t)
+    largest = float(largest_t.item())
     if largest == 0.0:
         return 0.0
     # Capped at 2**1000 so that subnormal magnitudes (float64 below 2**-1022) stay in range:
@@ -55,7 +60,9 @@ def _unit_scale(batch: TaskBatch) -> float:
     return math.ldexp(1.0, min(-math.frexp(largest)[1], 1000))
 
 
-def agreement_scores(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor:
+def agreement_scores(
+    batch: TaskBatch, *, foreach: bool | None = None, collective: Collective = _LOCAL
+) -> Tensor:
     """``r_i = Σ_j g_i·g_j = g_i · Σ_j g_j`` for each task, in O(N·P).
 
     Two passes over the vectors (the task sum, then one dot per task and parameter) in at
@@ -65,26 +72,42 @@ def agreement_scores(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor
     their largest magnitude near 1, which leaves the weights unchanged; ``r`` is then that
     factor squared times the true scores. Non-finite inputs raise ``ValueError`` naming
     the task and parameter.
+
+    With a process group (``collective``), ``batch`` holds this rank's tasks: the task sum
+    is all-reduced (P floats) and the scores of every rank's tasks are gathered (N floats),
+    so every rank returns the same ``[N]`` scores; the fallback's decision is taken on those
+    and is the same everywhere.
     """
     dtype, _ = _batch_dtype_device(batch)
-    scores = _scores(batch, 1.0, dtype, foreach)
+    scores = _scores(batch, 1.0, dtype, foreach, collective)
     finite = bool(torch.isfinite(scores).all())
     info = torch.finfo(dtype)
     # Below tiny/eps the dots may have lost precision to subnormal products: rescale.
     if finite and bool(scores.abs().max() >= info.tiny / info.eps):
         return scores
     if not finite:
-        locate_non_finite(batch)  # raises if an input is non-finite
-    scale = _unit_scale(batch)
+        # raises (on every rank) if an input is non-finite
+        collective.raise_together(lambda: locate_non_finite(batch))
+    scale = _unit_scale(batch, collective)
     if scale == 0.0:
         return torch.zeros_like(scores)
-    return _scores(batch, scale, torch.float64, foreach).to(dtype)
+    return _scores(batch, scale, torch.float64, foreach, collective).to(dtype)
 
 
-def _scores(batch: TaskBatch, scale: float, dtype: torch.dtype, foreach: bool | None) -> Tensor:
-    """``scale² · g_i·Σ_j g_j`` accumulated in ``dtype``."""
+def _scores(
+    batch: TaskBatch,
+    scale: float,
+    dtype: torch.dtype,
+    foreach: bool | None,
+    collective: Collective,
+) -> Tensor:
+    """``scale² · g_i·Σ_j g_j`` accumulated in ``dtype``, for every rank's tasks: the two
+    passes of Eq. (13), with the task sum all-reduced between them."""
     use_foreach = default_foreach(batch) if foreach is None else foreach
-    return agreement_scores_raw(batch, dtype, scale, foreach=use_foreach)
+    sums = task_sum(batch, dtype, scale, foreach=use_foreach)
+    collective.sum_([s for s in sums if s is not None])
+    local = dots_with(batch, sums, dtype, scale, foreach=use_foreach)
+    return collective.gather(local, batch.all_counts)
 
 
 def signed_normalize(scores: Tensor) -> Tensor:
@@ -114,13 +137,15 @@ def _norm64(t: Tensor) -> Tensor:
 
 
 def _task_norms(batch: TaskBatch, scale: float) -> Tensor:
-    """``‖scale · g_i‖`` for each task, in float64."""
+    """``‖scale · g_i‖`` for each of this rank's tasks, in float64."""
     _, device = _batch_dtype_device(batch)
     zero = torch.zeros((), dtype=torch.float64, device=device)
     norms = []
     for task in batch.tasks:
         parts = [_norm64(t) * scale for t in task if t is not None and t.numel()]
         norms.append(_norm64(torch.stack(parts)) if parts else zero)
+    if not norms:
+        return torch.zeros(0, dtype=torch.float64, device=device)
     return torch.stack(norms)
 
 
@@ -150,16 +175,21 @@ def _unit_direction(task: list[Tensor | None]) -> list[Tensor | None] | None:
     return [None if u is None else u / norm for u in scaled]
 
 
-def cosine_agreement_scores(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor:
-    """``ĝ_i · Σ_j ĝ_j`` with ``ĝ_i = g_i / ‖g_i‖`` (0 for a zero vector), in O(N·P).
+def cosine_agreement_scores(
+    batch: TaskBatch, *, foreach: bool | None = None, collective: Collective = _LOCAL
+) -> Tensor:
+    """``ĝ_i · Σ_j ĝ_j`` with ``ĝ_i = g_i / ‖g_i‖`` (0 for a zero vector), in O(N·P), in
+    float64.
 
     Two passes, one task's float64 unit vector alive at a time beside the sum: exact in
-    range for any magnitudes. A sum of unit vectors below ``4·N²·eps`` (rounding noise,
-    e.g. exactly opposite directions) counts as zero: all scores 0, hence uniform weights.
-    ``foreach`` is accepted for symmetry with :func:`agreement_scores` and unused.
+    range for any magnitudes. A sum of unit vectors below ``4·N²·eps`` (exactly opposite
+    directions) gives all scores 0; :class:`~ga_optim.CosineAgreement` applies its own
+    rounding-noise rule to the scores. ``foreach`` is accepted for symmetry with
+    :func:`agreement_scores` and unused. With a process group the sum of unit vectors is
+    all-reduced and the scores gathered, as in :func:`agreement_scores`.
     """
-    dtype, device = _batch_dtype_device(batch)
-    n = batch.num_tasks
+    _, device = _batch_dtype_device(batch)
+    n = batch.total_tasks
     total: list[Tensor | None] = [None] * batch.num_params
     for task in batch.tasks:
         unit = _unit_direction(task)
@@ -167,10 +197,14 @@ def cosine_agreement_scores(batch: TaskBatch, *, foreach: bool | None = None) ->
             if u is not None:
                 current = total[p]
                 total[p] = u if current is None else current.add_(u)
+    total = materialize(batch, total, torch.float64)
+    collective.sum_([t for t in total if t is not None])
     present = [t for t in total if t is not None]
     total_norm = math.sqrt(sum(float((t * t).sum()) for t in present))
+    if not math.isfinite(total_norm):
+        collective.raise_together(lambda: locate_non_finite(batch))
     if total_norm <= 4 * n * n * torch.finfo(torch.float64).eps:
-        return torch.zeros(n, dtype=dtype, device=device)
+        return torch.zeros(n, dtype=torch.float64, device=device)
     scores = []
     for task in batch.tasks:
         unit = _unit_direction(task) or []
@@ -181,21 +215,25 @@ def cosine_agreement_scores(batch: TaskBatch, *, foreach: bool | None = None) ->
                 if u is not None and s is not None
             )
         )
-    return torch.tensor(scores, dtype=torch.float64, device=device).to(dtype)
+    local = torch.tensor(scores, dtype=torch.float64, device=device)
+    return collective.gather(local, batch.all_counts)
 
 
-def task_cosines(batch: TaskBatch, *, foreach: bool | None = None) -> Tensor:
-    """``cos(g_i, ḡ)`` for each task, in float64; 0 for a zero vector or a zero mean.
+def task_cosines(
+    batch: TaskBatch, *, foreach: bool | None = None, collective: Collective = _LOCAL
+) -> Tensor:
+    """``cos(g_i, ḡ)`` for each task (every rank's), in float64; 0 for a zero vector or a
+    zero mean.
 
     Uses ``r_i = g_i·s`` and ``‖s‖² = Σ_i r_i`` (with ``s = Σ_j g_j``), so the only extra
     pass is the task norms.
     """
     _, device = _batch_dtype_device(batch)
-    scale = _unit_scale(batch)
+    scale = _unit_scale(batch, collective)
     if scale == 0.0:
-        return torch.zeros(batch.num_tasks, dtype=torch.float64, device=device)
-    scores = _scores(batch, scale, torch.float64, foreach)
-    norms = _task_norms(batch, scale)
+        return torch.zeros(batch.total_tasks, dtype=torch.float64, device=device)
+    scores = _scores(batch, scale, torch.float64, foreach, collective)
+    norms = collective.gather(_task_norms(batch, scale), batch.all_counts)
     denominator = norms * scores.sum().clamp(min=0).sqrt()
     safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
     return torch.where(denominator > 0, scores / safe, torch.zeros_like(scores)).clamp(-1.0, 1.0)

@@ -12,9 +12,9 @@ from ga_optim._kernels import (
     LARGE_NUMEL,
     SMALL_NUMEL,
     accumulation_dtype,
-    agreement_scores_raw,
     dots_with,
     gramian,
+    task_sum,
     weighted_sum,
 )
 from ga_optim.testing import reference_gramian, task_batches
@@ -94,7 +94,9 @@ def test_each_size_regime_matches_the_per_tensor_path(numel: int) -> None:
         expected = sum(c * task[p] for c, task in zip(coeffs, batch))
         torch.testing.assert_close(fast[p], expected, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(slow[p], expected, rtol=1e-12, atol=1e-12)
-    scores = agreement_scores_raw(checked, torch.float64, foreach=True)
     total = sum(torch.cat([t for t in task]) for task in batch)
     expected_scores = torch.stack([torch.cat([t for t in task]) @ total for task in batch])
-    torch.testing.assert_close(scores, expected_scores, rtol=1e-10, atol=1e-10)
+    for foreach in (True, False):
+        sums = task_sum(checked, torch.float64, foreach=foreach)
+        scores = dots_with(checked, sums, torch.float64, foreach=foreach)
+        torch.testing.assert_close(scores, expected_scores, rtol=1e-10, atol=1e-10)

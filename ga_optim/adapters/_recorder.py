@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from .._aggregator import GradientAgreementAggregator
+from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator
 from .._weightings import Weighting
 
 __all__ = ["MetaGradientRecorder"]
@@ -37,6 +37,7 @@ class MetaGradientRecorder:
         agreement_on: AgreementOn = "deltas",
         foreach: bool | None = None,
         track_cosines: bool = False,
+        process_group: Any = None,
     ) -> None:
         if agreement_on not in ("deltas", "meta_gradients"):
             raise ValueError(
@@ -46,7 +47,12 @@ class MetaGradientRecorder:
         if optimizer is None:
             raise TypeError("`optimizer` should be the outer torch.optim.Optimizer. Found None.")
         self.aggregator = GradientAgreementAggregator(
-            params, optimizer, weighting=weighting, foreach=foreach, track_cosines=track_cosines
+            params,
+            optimizer,
+            weighting=weighting,
+            foreach=foreach,
+            track_cosines=track_cosines,
+            process_group=process_group,
         )
         self.agreement_on = agreement_on
         self.meta_gradients: list[list[Tensor | None]] = []
@@ -64,6 +70,11 @@ class MetaGradientRecorder:
     @property
     def last_weights(self) -> Tensor | None:
         return self.aggregator.last_weights
+
+    @property
+    def last_diagnostics(self) -> AgreementDiagnostics | None:
+        """What the last :meth:`step` saw (see :class:`~ga_optim.AgreementDiagnostics`)."""
+        return self.aggregator.last_diagnostics
 
     @property
     def num_recorded(self) -> int:
@@ -146,10 +157,11 @@ class MetaGradientRecorder:
     def step(self) -> Tensor:
         """Weight the recorded tasks, write Σ w_i ∇L_i(θ_i) into ``.grad``, step, clear.
 
-        Returns the weights. If it raises, nothing was written and the recorded tasks are
-        kept.
+        Returns the weights (of every rank's tasks, in a process group). If it raises,
+        nothing was written and the recorded tasks are kept. In a process group every rank
+        calls it, a rank with no recorded task too.
         """
-        if not self.meta_gradients:
+        if not self.meta_gradients and not self.aggregator.distributed:
             raise RuntimeError(
                 "step() found no recorded task: call backward(loss, learner) once per task "
                 "of the meta-batch first."

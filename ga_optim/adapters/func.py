@@ -14,11 +14,12 @@ N adapted weights, or the N meta-gradients. These helpers turn such dicts into w
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._aggregator import GradientAgreementAggregator
+from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator
 from .._weightings import Weighting
 
 __all__ = ["FuncAgreement", "reptile_deltas", "stacked_task_vectors"]
@@ -26,8 +27,13 @@ __all__ = ["FuncAgreement", "reptile_deltas", "stacked_task_vectors"]
 Stacked = Mapping[str, Tensor]
 
 
-def stacked_task_vectors(stacked: Stacked, names: Sequence[str]) -> list[list[Tensor]]:
-    """``{name: [N, *shape]}`` → N per-task lists of views, in the order of ``names``."""
+def stacked_task_vectors(
+    stacked: Stacked, names: Sequence[str], *, allow_empty: bool = False
+) -> list[list[Tensor]]:
+    """``{name: [N, *shape]}`` → N per-task lists of views, in the order of ``names``.
+
+    ``allow_empty``: accept N = 0 (a rank of a process group with no task this step).
+    """
     missing = [name for name in names if name not in stacked]
     if missing:
         raise ValueError(f"`stacked` has no entry for the parameters {missing}.")
@@ -37,7 +43,7 @@ def stacked_task_vectors(stacked: Stacked, names: Sequence[str]) -> list[list[Te
     sizes = {name: stacked[name].shape[0] if stacked[name].dim() else 0 for name in names}
     n = sizes[names[0]]
     for name, size in sizes.items():
-        if size != n or size == 0:
+        if size != n or (size == 0 and not allow_empty):
             raise ValueError(
                 f"`stacked[{name!r}]` has {size} tasks along dimension 0; "
                 f"`stacked[{names[0]!r}]` has {n}. Each entry should be [N, *param.shape]."
@@ -71,6 +77,14 @@ class FuncAgreement:
         optimizer: the outer optimizer over ``model.parameters()`` (or ``None`` to only
             write ``.grad``).
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
+        foreach: use ``torch._foreach_*`` kernels (default ``None``: yes, where a
+            parameter is materialised) or the readable per-tensor loop; the same result.
+        track_cosines: record each task's cosine with the mean agreement vector in
+            :attr:`last_diagnostics` (one more pass over the vectors).
+        process_group: ``None`` (one process) or a ``torch.distributed`` process group over
+            which the meta-batch is spread: each rank passes its own tasks' stacked
+            vectors (``[0, ...]`` when it has none) and every rank calls :meth:`step`
+            (see :class:`~ga_optim.GradientAgreementAggregator`).
     """
 
     def __init__(
@@ -81,6 +95,7 @@ class FuncAgreement:
         weighting: Weighting | None = None,
         foreach: bool | None = None,
         track_cosines: bool = False,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
@@ -92,11 +107,17 @@ class FuncAgreement:
             weighting=weighting,
             foreach=foreach,
             track_cosines=track_cosines,
+            process_group=process_group,
         )
 
     @property
     def last_weights(self) -> Tensor | None:
         return self.aggregator.last_weights
+
+    @property
+    def last_diagnostics(self) -> AgreementDiagnostics | None:
+        """What the last :meth:`step` saw (see :class:`~ga_optim.AgreementDiagnostics`)."""
+        return self.aggregator.last_diagnostics
 
     def _tasks(self, stacked: Stacked | None, what: str) -> list[list[Tensor]] | None:
         if stacked is None:
@@ -106,7 +127,7 @@ class FuncAgreement:
                 f"`{what}` should be a dict {{name: [N, *shape]}} (as torch.func returns). "
                 f"Found `{type(stacked).__name__}`."
             )
-        return stacked_task_vectors(stacked, self.names)
+        return stacked_task_vectors(stacked, self.names, allow_empty=self.aggregator.distributed)
 
     def aggregate(
         self, task_vectors: Stacked, *, agreement_vectors: Stacked | None = None

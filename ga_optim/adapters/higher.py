@@ -18,6 +18,8 @@ detached from θ and the gradient with respect to the fast weights is used inste
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -46,6 +48,13 @@ class AgreementHigher(MetaGradientRecorder):
         optimizer: the outer optimizer over ``model.parameters()``.
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
         agreement_on: ``"deltas"`` (the paper) or ``"meta_gradients"``.
+        foreach: use ``torch._foreach_*`` kernels (default ``None``: yes, where a
+            parameter is materialised) or the readable per-tensor loop; the same result.
+        track_cosines: record each task's cosine with the mean agreement vector in
+            :attr:`last_diagnostics` (one more pass over the vectors).
+        process_group: ``None`` (one process) or a ``torch.distributed`` process group over
+            which the meta-batch is spread: each rank records its own tasks and every rank
+            calls :meth:`step` (see :class:`~ga_optim.GradientAgreementAggregator`).
     """
 
     def __init__(
@@ -57,6 +66,7 @@ class AgreementHigher(MetaGradientRecorder):
         agreement_on: AgreementOn = "deltas",
         foreach: bool | None = None,
         track_cosines: bool = False,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
@@ -68,6 +78,7 @@ class AgreementHigher(MetaGradientRecorder):
             agreement_on=agreement_on,
             foreach=foreach,
             track_cosines=track_cosines,
+            process_group=process_group,
         )
 
     def backward(self, loss: Tensor, fmodel: nn.Module) -> None:

@@ -56,6 +56,13 @@ class AgreementMAML(MetaGradientRecorder):
         optimizer: the outer optimizer over ``maml.parameters()``.
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
         agreement_on: ``"deltas"`` (the paper) or ``"meta_gradients"``.
+        foreach: use ``torch._foreach_*`` kernels (default ``None``: yes, where a
+            parameter is materialised) or the readable per-tensor loop; the same result.
+        track_cosines: record each task's cosine with the mean agreement vector in
+            :attr:`last_diagnostics` (one more pass over the vectors).
+        process_group: ``None`` (one process) or a ``torch.distributed`` process group over
+            which the meta-batch is spread: each rank records its own tasks and every rank
+            calls :meth:`step` (see :class:`~ga_optim.GradientAgreementAggregator`).
     """
 
     def __init__(
@@ -67,6 +74,7 @@ class AgreementMAML(MetaGradientRecorder):
         agreement_on: AgreementOn = "deltas",
         foreach: bool | None = None,
         track_cosines: bool = False,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(maml, (l2l.algorithms.MAML, l2l.algorithms.MetaSGD)):
             raise TypeError(
@@ -81,6 +89,7 @@ class AgreementMAML(MetaGradientRecorder):
             agreement_on=agreement_on,
             foreach=foreach,
             track_cosines=track_cosines,
+            process_group=process_group,
         )
 
     def clone(self, **kwargs: Any) -> nn.Module:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._aggregator import GradientAgreementAggregator
+from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator
 from .._weightings import Weighting
 
 __all__ = ["AgreementReptile"]
@@ -36,6 +37,13 @@ class AgreementReptile:
         model: the meta-model θ.
         optimizer: the outer optimizer over ``model.parameters()``.
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
+        foreach: use ``torch._foreach_*`` kernels (default ``None``: yes, where a
+            parameter is materialised) or the readable per-tensor loop; the same result.
+        track_cosines: record each task's cosine with the mean task vector in
+            :attr:`last_diagnostics` (one more pass over the vectors).
+        process_group: ``None`` (one process) or a ``torch.distributed`` process group over
+            which the meta-batch is spread: each rank records its own tasks and every rank
+            calls :meth:`step` (see :class:`~ga_optim.GradientAgreementAggregator`).
     """
 
     def __init__(
@@ -46,6 +54,7 @@ class AgreementReptile:
         weighting: Weighting | None = None,
         foreach: bool | None = None,
         track_cosines: bool = False,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
@@ -58,12 +67,18 @@ class AgreementReptile:
             weighting=weighting,
             foreach=foreach,
             track_cosines=track_cosines,
+            process_group=process_group,
         )
         self.deltas: list[list[Tensor]] = []
 
     @property
     def last_weights(self) -> Tensor | None:
         return self.aggregator.last_weights
+
+    @property
+    def last_diagnostics(self) -> AgreementDiagnostics | None:
+        """What the last :meth:`step` saw (see :class:`~ga_optim.AgreementDiagnostics`)."""
+        return self.aggregator.last_diagnostics
 
     @property
     def num_recorded(self) -> int:
@@ -93,8 +108,9 @@ class AgreementReptile:
         """Apply θ ← θ + α Σ w_i (θ_i − θ) through the outer optimizer; return the weights.
 
         Clears the recorded learners. If it raises, nothing was written and they are kept.
+        In a process group every rank calls it, a rank with no recorded learner too.
         """
-        if not self.deltas:
+        if not self.deltas and not self.aggregator.distributed:
             raise RuntimeError(
                 "step() found no recorded learner: call record(learner) once per task of "
                 "the meta-batch first."

@@ -1,0 +1,238 @@
+"""What crosses the wire: the collectives behind a meta-batch spread over processes.
+
+The aggregator computes everything through a :class:`Collective`. In one process it is the
+identity (:class:`LocalCollective`); with a ``torch.distributed`` process group
+(:class:`GroupCollective`) each rank holds only its own tasks and the collectives make the
+result equal to one process over all tasks concatenated in rank order. What each weighting
+needs to see decides what is sent (see :class:`~ga_optim.Weighting`):
+
+* every step: one small all-reduce of ``int64`` [world, 2 + 2·params] (each rank's error
+  code, task count and dtypes), so that bad input on any rank raises on every rank before
+  anything is written or reduced;
+* ``"count"`` (:class:`~ga_optim.Mean`): the update, one P-sized all-reduce, like DDP;
+* ``"scores"`` (:class:`~ga_optim.Agreement`): the task sum (P floats), the N scores, the
+  update (P floats);
+* ``"unit_scores"`` (:class:`~ga_optim.CosineAgreement`): as ``"scores"``, on the sum of
+  unit directions;
+* ``"gramian"`` (a weighting with only ``from_gramian``): every task's vector, N × P floats.
+
+Failures found later (a non-finite score or update) are seen identically on every rank,
+since they are read from reduced values; every rank then looks for the culprit among its
+own tasks and :meth:`Collective.raise_together` raises the same exception everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = ["Collective", "GroupCollective", "LocalCollective", "make_collective"]
+
+_DTYPES = (None, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def dtype_code(dtype: torch.dtype | None) -> int:
+    """A small integer for a floating dtype (0 for none), to exchange in an int tensor."""
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+
+
+def code_dtype(code: int) -> torch.dtype | None:
+    return _DTYPES[code] if code < len(_DTYPES) else None
+
+
+class Collective(Protocol):
+    """The operations the aggregator needs across ranks."""
+
+    rank: int
+    world_size: int
+    #: Payload bytes this rank handed to collectives since :meth:`reset_bytes`.
+    bytes_sent: int
+
+    def reset_bytes(self) -> None: ...
+
+    def agree(self, error: Exception | None, signature: list[int]) -> list[list[int]]:
+        """Exchange each rank's validation outcome and ``signature`` (a list of ints of the
+        same length everywhere); raise the first rank's error on every rank, or return
+        every rank's signature."""
+        ...
+
+    def sum_(self, tensors: Sequence[Tensor]) -> None:
+        """All-reduce (sum) ``tensors`` in place."""
+        ...
+
+    def max_(self, tensor: Tensor) -> None:
+        """All-reduce (max) ``tensor`` in place."""
+        ...
+
+    def gather(self, local: Tensor, counts: Sequence[int]) -> Tensor:
+        """Concatenate each rank's ``local`` (``[counts[rank], ...]``) in rank order."""
+        ...
+
+    def raise_together(self, find: Callable[[], None]) -> None:
+        """Every rank runs ``find`` (which raises if it finds a culprit among its own
+        tasks); the first rank's exception is raised on every rank. Returns only if no
+        rank raised. Call it on every rank or none."""
+        ...
+
+
+class LocalCollective:
+    """One process: every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+
+    def reset_bytes(self) -> None:
+        self.bytes_sent = 0
+
+    def agree(self, error: Exception | None, signature: list[int]) -> list[list[int]]:
+        if error is not None:
+            raise error
+        return [signature]
+
+    def sum_(self, tensors: Sequence[Tensor]) -> None:
+        return None
+
+    def max_(self, tensor: Tensor) -> None:
+        return None
+
+    def gather(self, local: Tensor, counts: Sequence[int]) -> Tensor:
+        return local
+
+    def raise_together(self, find: Callable[[], None]) -> None:
+        find()
+
+
+def _rebuild(kind: type[Exception], message: str) -> Exception:
+    try:
+        return kind(message)
+    except Exception:  # an exception type whose constructor wants more than a message
+        return RuntimeError(message)
+
+
+class GroupCollective:
+    """A ``torch.distributed`` process group (gloo, NCCL, ...).
+
+    P-sized tensors travel on their own device (NCCL needs CUDA tensors; gloo moves CPU
+    and CUDA tensors); the small control tensors travel on the CPU for gloo and on the
+    current CUDA device otherwise.
+    """
+
+    def __init__(self, group: Any) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        backend = str(dist.get_backend(group)).lower()
+        self._control_device = (
+            torch.device("cpu")
+            if "gloo" in backend or not torch.cuda.is_available()
+            else torch.device("cuda", torch.cuda.current_device())
+        )
+        self.bytes_sent = 0
+
+    def reset_bytes(self) -> None:
+        self.bytes_sent = 0
+
+    def _count(self, tensor: Tensor) -> None:
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+
+    def agree(self, error: Exception | None, signature: list[int]) -> list[list[int]]:
+        width = 1 + len(signature)
+        table = torch.zeros(self.world_size, width, dtype=torch.int64)
+        table[self.rank, 0] = 0 if error is None else 1
+        if error is None:
+            table[self.rank, 1:] = torch.tensor(signature, dtype=torch.int64)
+        table = table.to(self._control_device)
+        self._count(table)
+        self._dist.all_reduce(table, group=self.group)
+        rows = table.cpu().tolist()
+        if any(row[0] for row in rows):
+            self._raise_first(error)
+        return [row[1:] for row in rows]
+
+    def _raise_first(self, error: Exception | None) -> None:
+        """All ranks: gather every rank's error and raise the first one everywhere."""
+        mine = None if error is None else (type(error), str(error))
+        everyone: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(everyone, mine, group=self.group)
+        for rank, found in enumerate(everyone):
+            if found is not None:
+                kind, message = found
+                raised = _rebuild(kind, f"On rank {rank} of {self.world_size}: {message}")
+                raise raised from error
+        raise RuntimeError("A rank reported an error but sent no message.")  # pragma: no cover
+
+    def raise_together(self, find: Callable[[], None]) -> None:
+        error: Exception | None = None
+        try:
+            find()
+        except (TypeError, ValueError) as found:
+            error = found
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+        flag = flag.to(self._control_device)
+        self._count(flag)
+        self._dist.all_reduce(flag, group=self.group)
+        if int(flag.item()):
+            self._raise_first(error)
+
+    def sum_(self, tensors: Sequence[Tensor]) -> None:
+        # One all-reduce per (dtype, device): the tensors are packed into one flat buffer.
+        groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((t.dtype, t.device), []).append(t)
+        for members in groups.values():
+            if len(members) == 1 and members[0].is_contiguous():
+                buffer = members[0]
+            else:
+                buffer = torch.cat([t.reshape(-1) for t in members])
+            self._count(buffer)
+            self._dist.all_reduce(buffer, group=self.group)
+            if buffer is not members[0]:
+                offset = 0
+                for t in members:
+                    t.copy_(buffer[offset : offset + t.numel()].view(t.shape))
+                    offset += t.numel()
+
+    def max_(self, tensor: Tensor) -> None:
+        self._count(tensor)
+        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX, group=self.group)
+
+    def gather(self, local: Tensor, counts: Sequence[int]) -> Tensor:
+        # all_gather needs equal sizes: pad every rank's block to the largest count.
+        largest = max(counts)
+        if largest == 0:
+            return local.new_zeros((0, *local.shape[1:]))
+        padded = local.new_zeros((largest, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        blocks = [torch.empty_like(padded) for _ in range(self.world_size)]
+        self._count(padded)
+        self._dist.all_gather(blocks, padded.contiguous(), group=self.group)
+        return torch.cat([block[:count] for block, count in zip(blocks, counts)])
+
+
+def make_collective(process_group: object) -> Collective:
+    """``None`` → :class:`LocalCollective`; a process group → :class:`GroupCollective`."""
+    if process_group is None:
+        return LocalCollective()
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "`process_group` was given but torch.distributed is not initialised: call "
+            "torch.distributed.init_process_group(...) first (torchrun sets up the "
+            "environment), or pass process_group=None for one process."
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "`process_group` should be a torch.distributed.ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD) or None. Found `{type(process_group).__name__}`."
+        )
+    return GroupCollective(process_group)

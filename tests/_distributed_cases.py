@@ -1,0 +1,271 @@
+"""What each rank runs in tests/test_distributed.py, and the same computed in one process.
+
+Every rank builds the whole meta-batch from a seed and keeps its own slice, so the single-
+process reference (``process_group=None`` over all tasks in rank order) sees exactly the
+tasks the ranks saw together.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ga_optim import (
+    Agreement,
+    CosineAgreement,
+    GradientAgreementAggregator,
+    Mean,
+    NonNegativeAgreement,
+    Weighting,
+)
+
+SHAPES = [(4, 3), (4,), (2, 4), (2,)]
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SPLITS = {
+    1: {"one": [5]},
+    2: {"even": [3, 3], "empty": [0, 5], "uneven": [4, 1]},
+    3: {"uneven": [1, 0, 4], "even": [2, 2, 2], "two_empty": [0, 0, 3]},
+}
+
+
+class GramianSoftmax(Weighting):
+    """A weighting that needs the whole Gramian (exercises the gather path)."""
+
+    def from_gramian(self, gramian: Tensor) -> Tensor:
+        scale = gramian.diagonal().sum().clamp(min=1e-30)
+        return torch.softmax(gramian.sum(dim=1) / scale, dim=0)
+
+
+class Huge(Weighting):
+    """Weights far from Σ|w| = 1: their weighted sum overflows float32."""
+
+    needs = "count"
+
+    def from_scores(self, scores: Tensor) -> Tensor:
+        return torch.full_like(scores, 3e38)
+
+
+def weighting(name: str) -> Weighting:
+    return {
+        "mean": Mean,
+        "agreement": Agreement,
+        "nonnegative": NonNegativeAgreement,
+        "cosine": CosineAgreement,
+        "gramian": GramianSoftmax,
+    }[name]()
+
+
+WEIGHTINGS = ("mean", "agreement", "nonnegative", "cosine", "gramian")
+
+
+def make_tasks(seed: int, n: int, dtype: torch.dtype) -> tuple[list[Any], list[Any]]:
+    """``n`` tasks' vectors and agreement vectors; some entries ``None`` (a parameter a
+    task did not touch). A shared direction makes most tasks agree, a few oppose."""
+    gen = torch.Generator().manual_seed(seed)
+    common = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    vectors, agreement = [], []
+    for i in range(n):
+        sign = -1.0 if i % 4 == 3 else 1.0
+        task = [
+            (sign * c + 0.7 * torch.randn(s, generator=gen, dtype=torch.float64)).to(dtype)
+            for c, s in zip(common, SHAPES)
+        ]
+        delta = [
+            (c + 0.5 * torch.randn(s, generator=gen, dtype=torch.float64)).to(dtype)
+            for c, s in zip(common, SHAPES)
+        ]
+        if i % 2 == 0:
+            task[3] = None
+        if i % 3 == 0:
+            delta[1] = None
+        vectors.append(task)
+        agreement.append(delta)
+    return vectors, agreement
+
+
+def make_params(dtype: torch.dtype) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(1234)
+    return [
+        torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        for s in SHAPES
+    ]
+
+
+def run_case(
+    name: str,
+    form: str,
+    dtype_name: str,
+    counts: list[int],
+    rank: int | None,
+    process_group: Any,
+) -> dict[str, Any]:
+    """Two SGD-with-momentum steps, then an ``aggregate`` and a ``weights`` call, on this
+    rank's slice of the tasks (all of them when ``rank`` is None)."""
+    dtype = DTYPES[dtype_name]
+    params = make_params(dtype)
+    outer = torch.optim.SGD(params, lr=0.3, momentum=0.9)
+    aggregator = GradientAgreementAggregator(
+        params, outer, weighting=weighting(name), process_group=process_group, track_cosines=True
+    )
+    start = 0 if rank is None else sum(counts[:rank])
+    stop = sum(counts) if rank is None else start + counts[rank]
+    out: dict[str, Any] = {"weights": [], "cosines": [], "bytes": []}
+    for seed in (0, 1):
+        vectors, agreement = make_tasks(seed, sum(counts), dtype)
+        mine, mine_agreement = vectors[start:stop], agreement[start:stop]
+        if form == "maml":
+            w = aggregator.step(mine, agreement_vectors=mine_agreement)
+        else:
+            w = aggregator.step(mine)
+        diagnostics = aggregator.last_diagnostics
+        assert diagnostics is not None
+        out["weights"].append(w.clone())
+        out["cosines"].append(diagnostics.cosines)
+        out["bytes"].append(diagnostics.bytes_sent)
+    out["params"] = [p.detach().clone() for p in params]
+    out["momentum"] = [outer.state[p]["momentum_buffer"].clone() for p in params]
+    vectors, agreement = make_tasks(2, sum(counts), dtype)
+    out["aggregate"] = aggregator.aggregate(vectors[start:stop])
+    out["plain_weights"] = aggregator.weights(agreement[start:stop])
+    return out
+
+
+def cases(world: int) -> list[tuple[str, str, str, str]]:
+    return [
+        (name, form, dtype, split)
+        for split in SPLITS[world]
+        for name in WEIGHTINGS
+        for form in ("reptile", "maml")
+        for dtype in DTYPES
+    ]
+
+
+def cases_worker(rank: int, world: int) -> dict[Any, Any]:
+    results = {}
+    for name, form, dtype, split in cases(world):
+        counts = SPLITS[world][split]
+        results[(name, form, dtype, split)] = run_case(
+            name, form, dtype, counts, rank, dist.group.WORLD
+        )
+    return results
+
+
+# -- bad input on one rank ---------------------------------------------------------------
+
+
+def _snapshot(params: list[Tensor], outer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {
+        "params": [p.detach().clone() for p in params],
+        "grads": [None if p.grad is None else p.grad.clone() for p in params],
+        "state": {i: dict(outer.state[p]) for i, p in enumerate(params) if p in outer.state},
+    }
+
+
+def errors_worker(rank: int, world: int) -> dict[str, Any]:
+    """A sequence of calls, each bad on one rank; every rank records what it raised and
+    whether anything changed; a good step at the end shows no rank was left behind."""
+    dtype = torch.float32
+    params = make_params(dtype)
+    outer = torch.optim.Adam(params, lr=0.1)
+    aggregator = GradientAgreementAggregator(params, outer, process_group=dist.group.WORLD)
+    mean = GradientAgreementAggregator(
+        params, outer, weighting=Mean(), process_group=dist.group.WORLD
+    )
+    vectors, agreement = make_tasks(5, 2 * world, dtype)
+    mine = vectors[2 * rank : 2 * rank + 2]
+    mine_agreement = agreement[2 * rank : 2 * rank + 2]
+
+    def nan_on_rank1() -> None:
+        bad = [list(t) for t in mine]
+        if rank == 1:
+            bad[0][2] = bad[0][2].clone()
+            bad[0][2][1, 1] = float("nan")
+        aggregator.step(bad)
+
+    def ragged_on_last() -> None:
+        bad = [list(t) for t in mine]
+        if rank == world - 1:
+            bad[1][0] = torch.zeros(3, 4)
+        aggregator.step(bad)
+
+    def dtype_on_rank0() -> None:
+        bad = [[None if t is None else t.double() for t in task] for task in mine]
+        aggregator.step(bad if rank == 0 else mine)
+
+    def inf_agreement_mean() -> None:
+        bad = [list(t) for t in mine_agreement]
+        if rank == 0:
+            bad[1][0] = bad[1][0].clone()
+            bad[1][0][0, 0] = float("inf")
+        mean.step(mine, agreement_vectors=bad)
+
+    def no_task_anywhere() -> None:
+        aggregator.step([])
+
+    def form_mismatch() -> None:
+        if rank == 0:
+            aggregator.step(mine, agreement_vectors=mine_agreement)
+        else:
+            aggregator.step(mine)
+
+    huge = GradientAgreementAggregator(
+        params, outer, weighting=Huge(), process_group=dist.group.WORLD
+    )
+
+    def overflow() -> None:
+        huge.step(mine)
+
+    out: dict[str, Any] = {}
+    for call in (
+        nan_on_rank1,
+        ragged_on_last,
+        dtype_on_rank0,
+        inf_agreement_mean,
+        no_task_anywhere,
+        form_mismatch,
+        overflow,
+    ):
+        before = _snapshot(params, outer)
+        try:
+            call()
+            raised: tuple[str, str] | None = None
+        except Exception as error:
+            raised = (type(error).__name__, str(error))
+        after = _snapshot(params, outer)
+        unchanged = (
+            all(torch.equal(a, b) for a, b in zip(before["params"], after["params"]))
+            and before["grads"] == after["grads"]
+            and before["state"].keys() == after["state"].keys()
+        )
+        out[call.__name__] = {"raised": raised, "unchanged": unchanged}
+    out["good"] = aggregator.step(mine).clone()
+    out["params"] = [p.detach().clone() for p in params]
+    return out
+
+
+# -- a rank that dies --------------------------------------------------------------------
+
+
+def dying_worker(rank: int, world: int) -> dict[str, Any]:
+    params = make_params(torch.float32)
+    aggregator = GradientAgreementAggregator(
+        params, torch.optim.SGD(params, lr=0.1), process_group=dist.group.WORLD
+    )
+    vectors, _ = make_tasks(0, 4, torch.float32)
+    aggregator.step(vectors[2 * rank : 2 * rank + 2])  # one good step together
+    dist.barrier()
+    if rank == 1:
+        os._exit(3)  # dies without a word, mid-training
+    time.sleep(0.5)
+    start = time.monotonic()
+    try:
+        aggregator.step(vectors[2 * rank : 2 * rank + 2])
+        raised = None
+    except Exception as error:
+        raised = (type(error).__name__, isinstance(error, RuntimeError), str(error)[:300])
+    return {"raised": raised, "elapsed": time.monotonic() - start}

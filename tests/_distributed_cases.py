@@ -269,3 +269,117 @@ def dying_worker(rank: int, world: int) -> dict[str, Any]:
     except Exception as error:
         raised = (type(error).__name__, isinstance(error, RuntimeError), str(error)[:300])
     return {"raised": raised, "elapsed": time.monotonic() - start}
+
+
+# -- the adapters ------------------------------------------------------------------------
+
+
+def _sine(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    amplitude = 0.1 + 4.9 * torch.rand((), generator=gen, dtype=torch.float64)
+    phase = 3.0 * torch.rand((), generator=gen, dtype=torch.float64)
+    x = 10 * torch.rand(20, 1, generator=gen, dtype=torch.float64) - 5
+    y = amplitude * torch.sin(x + phase)
+    return x[:10], y[:10], x[10:], y[10:]
+
+
+def sine_model() -> torch.nn.Module:
+    torch.manual_seed(7)
+    return torch.nn.Sequential(
+        torch.nn.Linear(1, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1)
+    ).double()
+
+
+ADAPTERS = ("reptile", "func", "learn2learn", "higher")
+
+
+def run_adapter(kind: str, counts: list[int], rank: int | None, process_group: Any) -> list[Tensor]:
+    """Two meta-iterations of ``kind``'s loop over this rank's tasks (all when ``rank`` is
+    None), agreement-weighted; the parameters after them."""
+    model = sine_model()
+    loss_fn = torch.nn.MSELoss()
+    start = 0 if rank is None else sum(counts[:rank])
+    stop = sum(counts) if rank is None else start + counts[rank]
+    outer = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = {"weighting": Agreement(), "process_group": process_group}
+    if kind == "reptile":
+        from ga_optim.adapters.reptile import AgreementReptile
+
+        reptile = AgreementReptile(model, outer, **kwargs)
+        for iteration in range(2):
+            for index in range(start, stop):
+                xs, ys, _, _ = _sine(100 * iteration + index)
+                learner = reptile.clone()
+                inner = torch.optim.SGD(learner.parameters(), lr=0.02)
+                for _ in range(3):
+                    inner.zero_grad()
+                    loss_fn(learner(xs), ys).backward()
+                    inner.step()
+                reptile.record(learner)
+            reptile.step()
+    elif kind == "func":
+        from torch.func import functional_call, grad
+
+        from ga_optim.adapters.func import FuncAgreement, reptile_deltas
+
+        agree = FuncAgreement(model, outer, **kwargs)
+
+        def query_loss(params: dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor):  # type: ignore[no-untyped-def]
+            inner = grad(lambda p: loss_fn(functional_call(model, p, (xs,)), ys))(params)
+            fast = {k: params[k] - 0.05 * inner[k] for k in params}
+            return loss_fn(functional_call(model, fast, (xq,)), yq), fast
+
+        for iteration in range(2):
+            params = {k: v.detach() for k, v in model.named_parameters()}
+            grads: dict[str, list[Tensor]] = {k: [] for k in params}
+            adapted: dict[str, list[Tensor]] = {k: [] for k in params}
+            for index in range(start, stop):
+                g, fast = grad(query_loss, has_aux=True)(params, *_sine(100 * iteration + index))
+                for k in params:
+                    grads[k].append(g[k])
+                    adapted[k].append(fast[k].detach())
+            stack = {
+                k: torch.stack(v) if v else params[k].new_zeros((0, *params[k].shape))
+                for k, v in grads.items()
+            }
+            fast_stack = {
+                k: torch.stack(v) if v else params[k].new_zeros((0, *params[k].shape))
+                for k, v in adapted.items()
+            }
+            agree.step(stack, agreement_vectors=reptile_deltas(params, fast_stack))
+    elif kind == "learn2learn":
+        import learn2learn as l2l
+
+        from ga_optim.adapters.learn2learn import AgreementMAML
+
+        maml = l2l.algorithms.MAML(model, lr=0.05, first_order=False)
+        agree = AgreementMAML(maml, torch.optim.SGD(maml.parameters(), lr=0.1), **kwargs)
+        for iteration in range(2):
+            for index in range(start, stop):
+                xs, ys, xq, yq = _sine(100 * iteration + index)
+                learner = agree.clone()
+                learner.adapt(loss_fn(learner(xs), ys))
+                agree.backward(loss_fn(learner(xq), yq), learner)
+            agree.step()
+    elif kind == "higher":
+        import higher
+
+        from ga_optim.adapters.higher import AgreementHigher
+
+        agree = AgreementHigher(model, outer, **kwargs)
+        inner_opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for iteration in range(2):
+            for index in range(start, stop):
+                xs, ys, xq, yq = _sine(100 * iteration + index)
+                with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (
+                    fmodel,
+                    diffopt,
+                ):
+                    diffopt.step(loss_fn(fmodel(xs), ys))
+                    agree.backward(loss_fn(fmodel(xq), yq), fmodel)
+            agree.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def adapters_worker(rank: int, world: int, counts: list[int]) -> dict[str, list[Tensor]]:
+    return {kind: run_adapter(kind, counts, rank, dist.group.WORLD) for kind in ADAPTERS}

@@ -7,6 +7,10 @@ processes on loopback (see tests/_distributed.py).
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,10 @@ import torch
 
 from tests import _distributed_cases as cases
 from tests._distributed import run_ranks, unwrap
+from tests._examples import EXAMPLES
+from tests._optional import require
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 TOLERANCE = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-12, atol=1e-12)}
 
 
@@ -156,3 +163,51 @@ def test_process_group_is_validated() -> None:
     params = [torch.zeros(2, requires_grad=True)]
     with pytest.raises(ValueError, match=r"torch\.distributed is not initialised"):
         GradientAgreementAggregator(params, process_group=object())
+
+
+@pytest.mark.parametrize("counts", [[1, 3], [0, 2, 2]], ids=["uneven", "empty-rank"])
+def test_adapters_across_ranks_equal_one_process(counts: list[int], tmp_path: Path) -> None:
+    require("learn2learn", "bash scripts/install_learn2learn.sh")
+    require("higher", "pip install higher==0.2.1")
+    results, codes = run_ranks(cases.adapters_worker, len(counts), tmp_path, counts)
+    unwrap(results)
+    assert codes == [0] * len(counts)
+    for kind in cases.ADAPTERS:
+        expected = cases.run_adapter(kind, counts, None, None)
+        initial = [p.detach() for p in cases.sine_model().parameters()]
+        moved = max(float((e - i).abs().max()) for e, i in zip(expected, initial))
+        assert moved > 1e-3, f"{kind}: the reference did not train"
+        for rank, result in enumerate(results):
+            for got, want, first in zip(result[kind], expected, results[0][kind]):
+                assert torch.equal(got, first), f"{kind}: rank {rank} differs from rank 0"
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_example_under_torchrun_equals_one_process(tmp_path: Path) -> None:
+    require("learn2learn", "bash scripts/install_learn2learn.sh")
+    script = str(EXAMPLES / "distributed_maml.py")
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    common = ["--quick", "--weighting", "agreement"]
+    two = subprocess.run(
+        [*TORCHRUN, "--nproc_per_node", "2", script, *common, "--save", str(tmp_path / "two.pt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [sys.executable, script, *common, "--save", str(tmp_path / "one.pt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "ranks 2, weighting agreement" in two.stdout
+    before, after = map(float, re.findall(r"before ([\d.]+), after ([\d.]+)", two.stdout)[0])
+    assert after < before, two.stdout
+    for a, b in zip(torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

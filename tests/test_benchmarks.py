@@ -51,3 +51,17 @@ def test_adapters_benchmark_quick() -> None:
     for row in rows:
         assert all(float(cell) > 0 for cell in row[3:6])
         assert all(re.fullmatch(r"[+-]\d+\.\d % \[[+-]\d+\.\d, [+-]\d+\.\d\]", c) for c in row[6:8])
+
+
+def test_distributed_benchmark_quick() -> None:
+    rows = _table_rows("distributed.py")
+    assert [(r[0], r[1]) for r in rows] == [("32", "1e+04"), ("32", "1e+05")]
+    for row in rows:
+        p = float(row[1])
+        times = [float(cell) for cell in row[2:7]]
+        assert all(math.isfinite(x) and x > 0 for x in times)
+        mean_bytes, agreement_bytes = int(row[7]), int(row[8])
+        # Mean: one all-reduce of P fp32 values plus the [2 ranks × 11] int64 validation
+        # table; Agreement: two P-sized all-reduces, 16 scores, the same table.
+        assert mean_bytes == 4 * p + 176
+        assert agreement_bytes == 8 * p + 16 * 4 + 176

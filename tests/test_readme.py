@@ -30,3 +30,18 @@ def test_readme_names_the_two_commands() -> None:
     assert "bash scripts/main.sh" in text and "bash scripts/test.sh" in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert "bash scripts/test.sh" in ci
+
+
+def test_distributed_block_is_a_slice_of_the_example() -> None:
+    """The README's distributed loop is the example's own lines, in order (the example
+    itself runs under torchrun in tests/test_distributed.py), so the two cannot drift."""
+    block = next(b for b in _python_blocks() if "process_group=dist.group.WORLD" in b)
+    example = (README.parent / "examples" / "distributed_maml.py").read_text().splitlines()
+    position = 0
+    for line in (raw.strip() for raw in block.splitlines()):
+        if not line:
+            continue
+        while position < len(example) and example[position].strip() != line:
+            position += 1
+        assert position < len(example), f"not in examples/distributed_maml.py (in order): {line}"
+        position += 1

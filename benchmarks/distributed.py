@@ -48,6 +48,44 @@ def _tasks(n: int, p: int, rank: int) -> tuple[list[torch.Tensor], list[list[tor
     return params, tasks
 
 
+def _time_case(
+    n: int, p: int, rank: int, world: int, repeats: int
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Median ms per step of each variant, and the bytes each aggregator sent per step."""
+    params, tasks = _tasks(n // world, p, rank)
+    group = dist.group.WORLD
+    mean = GradientAgreementAggregator(params, weighting=Mean(), process_group=group)
+    agree = GradientAgreementAggregator(params, weighting=Agreement(), process_group=group)
+
+    def ddp_style() -> None:
+        update = [t.clone() for t in tasks[0]]
+        for task in tasks[1:]:
+            torch._foreach_add_(update, task)
+        flat = torch.cat(update) / n
+        dist.all_reduce(flat)
+
+    runs: dict[str, Any] = {
+        "ddp": ddp_style,
+        "mean": lambda: mean.step(tasks),
+        "agreement": lambda: agree.step(tasks),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(repeats + 1):
+        for name, run in runs.items():
+            dist.barrier()
+            start = time.perf_counter()
+            run()
+            elapsed = time.perf_counter() - start
+            if round_:  # the first round warms up
+                times[name].append(elapsed * 1e3)
+    assert mean.last_diagnostics is not None and agree.last_diagnostics is not None
+    sent = {
+        "mean": mean.last_diagnostics.bytes_sent,
+        "agreement": agree.last_diagnostics.bytes_sent,
+    }
+    return {k: statistics.median(v) for k, v in times.items()}, sent
+
+
 def _rank(rank: int, world: int, folder: str, cases: list[tuple[int, int]], repeats: int) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
@@ -58,40 +96,7 @@ def _rank(rank: int, world: int, folder: str, cases: list[tuple[int, int]], repe
         world_size=world,
         timeout=datetime.timedelta(seconds=600),
     )
-    rows = []
-    for n, p in cases:
-        params, tasks = _tasks(n // world, p, rank)
-        group = dist.group.WORLD
-        mean = GradientAgreementAggregator(params, weighting=Mean(), process_group=group)
-        agree = GradientAgreementAggregator(params, weighting=Agreement(), process_group=group)
-
-        def ddp_style() -> None:
-            update = [t.clone() for t in tasks[0]]
-            for task in tasks[1:]:
-                torch._foreach_add_(update, task)
-            flat = torch.cat(update) / n
-            dist.all_reduce(flat)
-
-        runs: dict[str, Any] = {
-            "ddp": ddp_style,
-            "mean": lambda: mean.step(tasks),
-            "agreement": lambda: agree.step(tasks),
-        }
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for round_ in range(repeats + 1):
-            for name, run in runs.items():
-                dist.barrier()
-                start = time.perf_counter()
-                run()
-                elapsed = time.perf_counter() - start
-                if round_:  # the first round warms up
-                    times[name].append(elapsed * 1e3)
-        sent = {
-            "mean": mean.last_diagnostics.bytes_sent,  # type: ignore[union-attr]
-            "agreement": agree.last_diagnostics.bytes_sent,  # type: ignore[union-attr]
-        }
-        rows.append((n, p, {k: statistics.median(v) for k, v in times.items()}, sent))
-        del tasks, params
+    rows = [(n, p, *_time_case(n, p, rank, world, repeats)) for n, p in cases]
     if rank == 0:
         print(
             "| N | P | DDP-style ms | Mean ms | Agreement ms | Agreement/Mean time | "

@@ -11,8 +11,9 @@ are *not* in the library:
 
 Every variant runs in the same process on the same tensors; each time is the median of
 ``--repeats`` runs after a warm-up. Peak extra memory is measured in a fresh subprocess
-per case as the rise of the peak resident set size during one ``aggregate`` call, in
-units of one model-sized fp32 buffer (P·4 bytes); the output itself is one such buffer.
+per case as the rise of the peak resident set size during one ``aggregate`` call (on
+CUDA: of ``torch.cuda.max_memory_allocated``, in this process), in units of one
+model-sized fp32 buffer (P·4 bytes); the output itself is one such buffer.
 
 Targets (issue 2): agreement/mean <= 3.5 at N=32, P=1e7; pairwise/agreement >= 10 at
 N=32; extra peak memory <= 2 buffers (the output plus one). Run:
@@ -128,6 +129,23 @@ def peak_memory_child(n: int, p: int, weighting: str) -> None:
     print(json.dumps({"buffers": (peak - before) * 1024 / (p * 4)}))
 
 
+def peak_memory_cuda(
+    aggregator: GradientAgreementAggregator, tasks: list[list[torch.Tensor]], p: int
+) -> float:
+    """On CUDA: the rise of ``torch.cuda.max_memory_allocated`` during one aggregate call
+    (after a warm-up call), in P·4 bytes. The caching allocator's peak counter measures
+    the tensors the call allocates, whatever the allocator keeps reserved."""
+    aggregator.aggregate(tasks)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = aggregator.aggregate(tasks)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return (peak - before) / (p * 4)
+
+
 def peak_memory(n: int, p: int, weighting: str) -> float:
     result = subprocess.run(
         [sys.executable, __file__, "--memory-child", str(n), str(p), weighting],
@@ -186,7 +204,13 @@ def main() -> None:
                 if p <= args.no_pairwise_above
                 else float("nan")
             )
-            memory = peak_memory(n, p, "agreement") if args.device == "cpu" else float("nan")
+            memory = (
+                peak_memory(n, p, "agreement")
+                if args.device == "cpu"
+                else peak_memory_cuda(agreement, tasks, p)
+                if args.device == "cuda"
+                else float("nan")
+            )
             row = {
                 "N": n,
                 "P": p,

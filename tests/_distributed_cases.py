@@ -88,12 +88,16 @@ def make_tasks(seed: int, n: int, dtype: torch.dtype) -> tuple[list[Any], list[A
     return vectors, agreement
 
 
-def make_params(dtype: torch.dtype) -> list[Tensor]:
+def make_params(dtype: torch.dtype, device: str = "cpu") -> list[Tensor]:
     gen = torch.Generator().manual_seed(1234)
     return [
-        torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
         for s in SHAPES
     ]
+
+
+def _to(tasks: list[Any], device: str) -> list[Any]:
+    return [[None if t is None else t.to(device) for t in task] for task in tasks]
 
 
 def run_case(
@@ -103,11 +107,13 @@ def run_case(
     counts: list[int],
     rank: int | None,
     process_group: Any,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Two SGD-with-momentum steps, then an ``aggregate`` and a ``weights`` call, on this
-    rank's slice of the tasks (all of them when ``rank`` is None)."""
+    rank's slice of the tasks (all of them when ``rank`` is None), on ``device``; the
+    results come back on the CPU."""
     dtype = DTYPES[dtype_name]
-    params = make_params(dtype)
+    params = make_params(dtype, device)
     outer = torch.optim.SGD(params, lr=0.3, momentum=0.9)
     aggregator = GradientAgreementAggregator(
         params, outer, weighting=weighting(name), process_group=process_group, track_cosines=True
@@ -117,21 +123,21 @@ def run_case(
     out: dict[str, Any] = {"weights": [], "cosines": [], "bytes": []}
     for seed in (0, 1):
         vectors, agreement = make_tasks(seed, sum(counts), dtype)
-        mine, mine_agreement = vectors[start:stop], agreement[start:stop]
+        mine, mine_agreement = _to(vectors[start:stop], device), _to(agreement[start:stop], device)
         if form == "maml":
             w = aggregator.step(mine, agreement_vectors=mine_agreement)
         else:
             w = aggregator.step(mine)
         diagnostics = aggregator.last_diagnostics
         assert diagnostics is not None
-        out["weights"].append(w.clone())
-        out["cosines"].append(diagnostics.cosines)
+        out["weights"].append(w.cpu())
+        out["cosines"].append(None if diagnostics.cosines is None else diagnostics.cosines.cpu())
         out["bytes"].append(diagnostics.bytes_sent)
-    out["params"] = [p.detach().clone() for p in params]
-    out["momentum"] = [outer.state[p]["momentum_buffer"].clone() for p in params]
+    out["params"] = [p.detach().cpu() for p in params]
+    out["momentum"] = [outer.state[p]["momentum_buffer"].cpu() for p in params]
     vectors, agreement = make_tasks(2, sum(counts), dtype)
-    out["aggregate"] = aggregator.aggregate(vectors[start:stop])
-    out["plain_weights"] = aggregator.weights(agreement[start:stop])
+    out["aggregate"] = [t.cpu() for t in aggregator.aggregate(_to(vectors[start:stop], device))]
+    out["plain_weights"] = aggregator.weights(_to(agreement[start:stop], device)).cpu()
     return out
 
 
@@ -153,6 +159,15 @@ def cases_worker(rank: int, world: int) -> dict[Any, Any]:
             name, form, dtype, counts, rank, dist.group.WORLD
         )
     return results
+
+
+def cuda_worker(rank: int, world: int) -> dict[Any, Any]:
+    """gloo moving CUDA tensors: two ranks sharing this machine's GPU."""
+    return {
+        (name, form): run_case(name, form, "float32", [3, 2], rank, dist.group.WORLD, "cuda")
+        for name in WEIGHTINGS
+        for form in ("reptile", "maml")
+    }
 
 
 # -- bad input on one rank ---------------------------------------------------------------

@@ -211,3 +211,16 @@ def test_example_under_torchrun_equals_one_process(tmp_path: Path) -> None:
     assert after < before, two.stdout
     for a, b in zip(torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+def test_cuda_tensors_across_ranks_equal_one_process_on_the_cpu(tmp_path: Path) -> None:
+    results, codes = run_ranks(cases.cuda_worker, 2, tmp_path)
+    unwrap(results)
+    assert codes == [0, 0]
+    for (name, form), got in results[0].items():
+        _assert_same_on_every_rank(results, (name, form))
+        expected = cases.run_case(name, form, "float64", [3, 2], None, None)
+        for field in ("weights", "params", "aggregate"):
+            for a, b in zip(got[field], expected[field], strict=True):
+                torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)

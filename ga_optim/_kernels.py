@@ -34,6 +34,7 @@ from ._checks import TaskBatch
 
 __all__ = [
     "LARGE_NUMEL",
+    "PACK_CACHE_ELEMENTS",
     "PACK_ELEMENTS",
     "SMALL_NUMEL",
     "accumulation_dtype",
@@ -49,6 +50,9 @@ __all__ = [
 SMALL_NUMEL = 1 << 14
 #: A pack holds at most this many entries (N × its elements): 4 MiB in float32.
 PACK_ELEMENTS = 1 << 20
+#: Packs kept for the rest of a call (sum, scores, combination) hold at most this many
+#: entries in all: 16 MiB in float32.
+PACK_CACHE_ELEMENTS = 1 << 22
 #: Parameters above this many elements are summed parameter by parameter even on the foreach
 #: path: one output stays in cache across the N tasks, and per-call overhead is negligible.
 LARGE_NUMEL = 1 << 20
@@ -109,9 +113,15 @@ def _numels(batch: TaskBatch) -> list[int]:
 def _packed(batch: TaskBatch, pack: list[int], dtype: torch.dtype) -> Tensor:
     """The pack's tensors as one ``[N, k]`` matrix in ``dtype`` (``None`` as zeros).
 
-    Built when needed and never kept, so at most one pack (≤ :data:`PACK_ELEMENTS`
-    entries) is alive at a time.
+    Kept in the batch's per-call cache while all kept packs hold at most
+    :data:`PACK_CACHE_ELEMENTS` entries, so the task sum, the scores and the combination
+    build it once; beyond that it is rebuilt when needed and dropped, so at most one more
+    pack (≤ :data:`PACK_ELEMENTS` entries) is alive at a time.
     """
+    key = ("pack", tuple(pack), dtype)
+    kept = batch.cache.get(key)
+    if kept is not None:
+        return cast(Tensor, kept)
     columns = []
     for p in pack:
         present = [t for task in batch.tasks if (t := task[p]) is not None]
@@ -119,7 +129,12 @@ def _packed(batch: TaskBatch, pack: list[int], dtype: torch.dtype) -> Tensor:
         rows = [zeros if t[p] is None else t[p] for t in batch.tasks]
         matrix = torch.stack(cast(list[Tensor], rows))
         columns.append(matrix.reshape(batch.num_tasks, -1).to(dtype))
-    return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
+    packed = columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
+    used = cast(int, batch.cache.get("pack_entries", 0))
+    if used + packed.numel() <= PACK_CACHE_ELEMENTS:
+        batch.cache[key] = packed
+        batch.cache["pack_entries"] = used + packed.numel()
+    return packed
 
 
 def _unpack(batch: TaskBatch, pack: list[int], flat: Tensor) -> list[Tensor]:

@@ -258,6 +258,8 @@ def errors_worker(rank: int, world: int) -> dict[str, Any]:
             and before["state"].keys() == after["state"].keys()
         )
         out[call.__name__] = {"raised": raised, "unchanged": unchanged}
+    # process_group=None stays one process although a default group is initialised.
+    out["local"] = GradientAgreementAggregator(make_params(dtype)).weights(mine)
     out["good"] = aggregator.step(mine).clone()
     out["params"] = [p.detach().clone() for p in params]
     return out

@@ -187,32 +187,29 @@ def test_adapters_across_ranks_equal_one_process(counts: list[int], tmp_path: Pa
                 torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_example_under_torchrun_equals_one_process(tmp_path: Path) -> None:
-    require("learn2learn", "bash scripts/install_learn2learn.sh")
+def _run_example(launcher: list[str], out: Path) -> str:
+    """Run examples/distributed_maml.py --quick (agreement) with ``launcher``; its stdout."""
     script = str(EXAMPLES / "distributed_maml.py")
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    common = ["--quick", "--weighting", "agreement"]
-    two = subprocess.run(
-        [*TORCHRUN, "--nproc_per_node", "2", script, *common, "--save", str(tmp_path / "two.pt")],
+    done = subprocess.run(
+        [*launcher, script, "--quick", "--weighting", "agreement", "--save", str(out)],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run(
-        [sys.executable, script, *common, "--save", str(tmp_path / "one.pt")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert "ranks 2, weighting agreement" in two.stdout
-    before, after = map(float, re.findall(r"before ([\d.]+), after ([\d.]+)", two.stdout)[0])
-    assert after < before, two.stdout
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_example_under_torchrun_equals_one_process(tmp_path: Path) -> None:
+    require("learn2learn", "bash scripts/install_learn2learn.sh")
+    two = _run_example([*TORCHRUN, "--nproc_per_node", "2"], tmp_path / "two.pt")
+    _run_example([sys.executable], tmp_path / "one.pt")
+    assert "ranks 2, weighting agreement" in two
+    before, after = map(float, re.findall(r"before ([\d.]+), after ([\d.]+)", two)[0])
+    assert after < before, two
     for a, b in zip(torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

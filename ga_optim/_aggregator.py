@@ -6,18 +6,28 @@ import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from ._checks import TaskBatch, as_task_batch, check_gramian, check_params, locate_non_finite
+from ._checks import (
+    NonFiniteError,
+    TaskBatch,
+    as_task_batch,
+    check_gramian,
+    check_params,
+    locate_non_finite,
+)
 from ._collective import code_dtype, dtype_code, make_collective
 from ._kernels import default_foreach, materialize, weighted_sum
 from ._weightings import Agreement, Weighting, weights_of_batch
-from ._weights import task_cosines
+from ._weights import task_cosines, uniform_weights
 
-__all__ = ["AgreementDiagnostics", "GradientAgreementAggregator"]
+__all__ = ["AgreementDiagnostics", "GradientAgreementAggregator", "NonFinitePolicy"]
+
+#: What a call does with NaN/Inf values: raise (default) or let them reach ``.grad``.
+NonFinitePolicy = Literal["raise", "propagate"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,14 @@ class GradientAgreementAggregator:
         foreach: use ``torch._foreach_*`` kernels (default) or the per-tensor loop.
         track_cosines: record each task's cosine with the mean update in
             :attr:`last_diagnostics` (one more pass over the vectors).
+        non_finite: ``"raise"`` (default): NaN/Inf in the vectors raise
+            :class:`~ga_optim.NonFiniteError` naming the task and parameter, before
+            anything is written. ``"propagate"``: nothing raises for non-finite values;
+            they flow into the update (and ``.grad``) so that a
+            ``torch.amp.GradScaler`` sees the overflow and skips the step. If the weights
+            themselves cannot be computed (a value they read is non-finite) the weights
+            and every entry of the update are NaN. Needs ``optimizer=None`` (the caller
+            steps, through the scaler).
         process_group: ``None`` (default): one process, even where a default process group
             is initialised. A ``torch.distributed`` process group (e.g.
             ``torch.distributed.group.WORLD``): the meta-batch is spread over its ranks.
@@ -120,6 +138,7 @@ class GradientAgreementAggregator:
         weighting: Weighting | None = None,
         foreach: bool | None = None,
         track_cosines: bool = False,
+        non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
     ) -> None:
         self.params = check_params(params)
@@ -149,6 +168,16 @@ class GradientAgreementAggregator:
                 "`weighting` should be a ga_optim.Weighting (e.g. Agreement() or Mean()). "
                 f"Found `{type(weighting).__name__}`."
             )
+        if non_finite not in ("raise", "propagate"):
+            raise ValueError(
+                f"`non_finite` should be 'raise' or 'propagate'. Found {non_finite!r}."
+            )
+        if non_finite == "propagate" and optimizer is not None:
+            raise ValueError(
+                "`non_finite='propagate'` lets NaN/Inf reach .grad for a GradScaler to see; "
+                "it needs `optimizer=None` (step through `scaler.step(optimizer)`), or the "
+                "optimizer would step on them."
+            )
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"`foreach` should be a bool or None. Found `{foreach!r}`.")
         self._collective = make_collective(process_group)
@@ -157,6 +186,7 @@ class GradientAgreementAggregator:
         self.weighting = weighting
         self.foreach = foreach
         self.track_cosines = bool(track_cosines)
+        self.non_finite: NonFinitePolicy = non_finite
         self.num_steps = 0
         self.last_weights: Tensor | None = None
         self.last_diagnostics: AgreementDiagnostics | None = None
@@ -202,7 +232,7 @@ class GradientAgreementAggregator:
                     f"`agreement_vectors` holds {measured.num_tasks} tasks; `task_vectors` "
                     f"holds {batch.num_tasks}. Both must describe the same meta-batch."
                 )
-            if self.weighting.needs == "count":
+            if self.weighting.needs == "count" and self.non_finite == "raise":
                 # Mean never reads these values; check them here, once, so NaN is not
                 # let through silently.
                 locate_non_finite(measured)
@@ -282,23 +312,15 @@ class GradientAgreementAggregator:
         return merged[0], merged[1]
 
     def _weights_of(self, measured: TaskBatch, gramian: Tensor | None) -> Tensor:
-        """The weighting applied to ``measured`` (every rank's tasks) or to ``gramian``."""
-        if gramian is not None:
-            checked = check_gramian(gramian)
-            if checked.shape[0] != measured.num_tasks:
-                raise ValueError(
-                    f"`gramian` is {tuple(checked.shape)}; `task_vectors` holds "
-                    f"{measured.num_tasks} tasks, so expected "
-                    f"({measured.num_tasks}, {measured.num_tasks})."
-                )
-            weights = self.weighting.from_gramian(checked)
-        else:
-            weights = weights_of_batch(
-                self.weighting,
-                measured,
-                foreach=self._foreach(measured),
-                collective=self._collective,
-            )
+        """The weighting applied to ``measured`` (every rank's tasks) or to ``gramian``;
+        with ``non_finite="propagate"``, NaN weights where a value they read is not finite
+        (the error that says so is raised on every rank alike, so all ranks agree)."""
+        try:
+            weights = self._weighting_of(measured, gramian)
+        except NonFiniteError:
+            if self.non_finite == "raise":
+                raise
+            return torch.full_like(uniform_weights(measured), math.nan)
         if weights.shape != (measured.total_tasks,):
             raise ValueError(
                 f"{self.weighting!r} returned weights of shape {tuple(weights.shape)}; "
@@ -310,6 +332,23 @@ class GradientAgreementAggregator:
                 "finite input."
             )
         return weights
+
+    def _weighting_of(self, measured: TaskBatch, gramian: Tensor | None) -> Tensor:
+        if gramian is not None:
+            checked = check_gramian(gramian)
+            if checked.shape[0] != measured.num_tasks:
+                raise ValueError(
+                    f"`gramian` is {tuple(checked.shape)}; `task_vectors` holds "
+                    f"{measured.num_tasks} tasks, so expected "
+                    f"({measured.num_tasks}, {measured.num_tasks})."
+                )
+            return self.weighting.from_gramian(checked)
+        return weights_of_batch(
+            self.weighting,
+            measured,
+            foreach=self._foreach(measured),
+            collective=self._collective,
+        )
 
     def weights(self, task_vectors: object = None, *, gramian: Tensor | None = None) -> Tensor:
         """The weights ``[N]`` of ``task_vectors`` (shaped like ``params``) or of a Gramian.
@@ -327,7 +366,7 @@ class GradientAgreementAggregator:
         self._collective.reset_bytes()
         with torch.no_grad():
             _, measured = self._prepare(task_vectors, None, None)
-            if self.weighting.needs == "count":  # the weights do not read the values
+            if self.weighting.needs == "count" and self.non_finite == "raise":
                 self._collective.raise_together(lambda: locate_non_finite(measured))
             return self._weights_of(measured, None)
 
@@ -354,7 +393,8 @@ class GradientAgreementAggregator:
             for vector, param, dtype in zip(combined, self.params, batch.global_dtypes)
         ]
         magnitudes = torch.stack(torch._foreach_norm(result, math.inf))
-        if not bool(torch.isfinite(magnitudes).all()):
+        finite = bool(torch.isfinite(magnitudes).all())
+        if not finite and self.non_finite == "raise":
 
             def find() -> None:
                 locate_non_finite(batch)
@@ -366,11 +406,13 @@ class GradientAgreementAggregator:
                 "The weighted sum of `task_vectors` overflowed its dtype "
                 f"({batch.global_dtypes}); rescale the vectors or use a wider dtype."
             )
-        cosines = (
-            task_cosines(measured, foreach=foreach, collective=collective)
-            if self.track_cosines
-            else None
-        )
+        cosines = None
+        if self.track_cosines:
+            cosines = (
+                task_cosines(measured, foreach=foreach, collective=collective)
+                if finite
+                else torch.full_like(weights, math.nan, dtype=torch.float64)
+            )
         diagnostics = AgreementDiagnostics(
             weights=weights,
             num_negative=int((weights < 0).sum()),
@@ -411,27 +453,42 @@ class GradientAgreementAggregator:
         *,
         agreement_vectors: object = None,
         gramian: Tensor | None = None,
+        accumulate: bool = False,
     ) -> Tensor:
         r"""Write :math:`\sum_i w_i v_i` into each parameter's ``.grad`` and step the optimizer.
 
-        The ``.grad`` is replaced, not accumulated. Everything is validated before anything
-        is written; if ``optimizer.step()`` itself raises, the previous ``.grad`` tensors
-        are restored. Arguments as in :meth:`aggregate`.
+        Everything is validated before anything is written; if ``optimizer.step()`` itself
+        raises, the previous ``.grad`` tensors are restored. With ``optimizer=None`` only
+        ``.grad`` is written, so the caller's own step follows unchanged
+        (``clip_grad_norm_``, ``scaler.step(opt)``, ``opt.step()``).
+
+        Args:
+            task_vectors, agreement_vectors, gramian: as in :meth:`aggregate`.
+            accumulate: ``False`` (default): ``.grad`` is replaced by the update.
+                ``True``: the update is added to the ``.grad`` already there (``None``
+                counts as zeros), as ``loss.backward()`` does, for a loop that accumulates
+                several meta-batches before stepping.
 
         Returns:
             The weights ``[N]``.
         """
+        if not isinstance(accumulate, bool):
+            raise TypeError(f"`accumulate` should be a bool. Found `{accumulate!r}`.")
         with torch.no_grad():
             result, weights, diagnostics = self._aggregate(task_vectors, agreement_vectors, gramian)
         previous = [param.grad for param in self.params]
-        for param, update in zip(self.params, result):
-            param.grad = update.detach().to(param.dtype)
+        with torch.no_grad():
+            grads = [update.detach().to(param.dtype) for param, update in zip(self.params, result)]
+            if accumulate:
+                grads = [g if p.grad is None else p.grad + g for p, g in zip(self.params, grads)]
+        for param, grad in zip(self.params, grads):
+            param.grad = grad
         if self.optimizer is not None:
             try:
                 self.optimizer.step()
             except BaseException:
-                for param, grad in zip(self.params, previous):
-                    param.grad = grad
+                for param, old in zip(self.params, previous):
+                    param.grad = old
                 raise
         self.num_steps += 1
         self.last_weights, self.last_diagnostics = weights, diagnostics

@@ -258,6 +258,19 @@ def errors_worker(rank: int, world: int) -> dict[str, Any]:
             and before["state"].keys() == after["state"].keys()
         )
         out[call.__name__] = {"raised": raised, "unchanged": unchanged}
+    # non_finite="propagate": NaN on one rank reaches every rank's .grad, nothing raises.
+    loose = [torch.zeros(s, requires_grad=True) for s in SHAPES]
+    propagate = GradientAgreementAggregator(
+        loose, non_finite="propagate", process_group=dist.group.WORLD
+    )
+    bad = [list(t) for t in mine]
+    if rank == 1:
+        bad[0][2] = bad[0][2].clone()
+        bad[0][2][1, 1] = float("nan")
+    out["propagate"] = {
+        "weights": propagate.step(bad).clone(),
+        "grads_finite": [bool(torch.isfinite(p.grad).all()) for p in loose],
+    }
     # process_group=None stays one process although a default group is initialised.
     out["local"] = GradientAgreementAggregator(make_params(dtype)).weights(mine)
     out["good"] = aggregator.step(mine).clone()

@@ -144,6 +144,11 @@ def test_bad_input_on_one_rank_raises_on_every_rank(tmp_path: Path) -> None:
     vectors, _ = cases.make_tasks(5, 2 * world, torch.float32)
     reference = cases.weighting("agreement").weights(vectors)
     torch.testing.assert_close(results[0]["good"], reference, rtol=1e-5, atol=1e-6)
+    # non_finite="propagate": every rank gets NaN weights and non-finite .grad, no raise.
+    for result in results:
+        assert torch.isnan(result["propagate"]["weights"]).all()
+        assert result["propagate"]["weights"].shape == (2 * world,)
+        assert not any(result["propagate"]["grads_finite"])
     # Without a process_group, each rank weighs only its own two tasks.
     for rank, result in enumerate(results):
         alone = cases.weighting("agreement").weights(vectors[2 * rank : 2 * rank + 2])

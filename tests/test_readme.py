@@ -6,6 +6,9 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests._optional import require
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -45,3 +48,19 @@ def test_distributed_block_is_a_slice_of_the_example() -> None:
             position += 1
         assert position < len(example), f"not in examples/distributed_maml.py (in order): {line}"
         position += 1
+
+
+def test_grad_scaler_and_clipping_block_runs() -> None:
+    """The README's optimizer=None + GradScaler + clipping loop runs and trains."""
+    require("learn2learn", "bash scripts/install_learn2learn.sh")
+    block = next(b for b in _python_blocks() if "GradScaler" in b)
+    torch.manual_seed(0)
+    namespace: dict[str, object] = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    agree, scaler = namespace["agree"], namespace["scaler"]
+    assert agree.num_recorded == 0  # type: ignore[attr-defined]
+    assert agree.last_weights.shape == (4,)  # type: ignore[attr-defined]
+    opt = namespace["opt"]
+    steps = [s["step"] for s in opt.state.values()]  # type: ignore[attr-defined]
+    assert steps and all(int(s) == 5 for s in steps), "the scaler skipped finite steps"
+    assert scaler.get_scale() == 2.0**16  # type: ignore[attr-defined]

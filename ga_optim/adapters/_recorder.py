@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator
+from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator, NonFinitePolicy
 from .._weightings import Weighting
 
 __all__ = ["MetaGradientRecorder"]
@@ -25,18 +25,26 @@ class MetaGradientRecorder:
     ``loss.backward()`` would sum the tasks' meta-gradients into ``.grad`` and lose them;
     :meth:`record_task` keeps them per task. :meth:`step` weights them (by default with
     agreement measured on the inner-loop deltas θ − θ_i, Algorithm 1 lines 7–9), writes
-    Σ w_i ∇L_i(θ_i) into ``.grad`` and steps the optimizer.
+    Σ w_i ∇L_i(θ_i) into ``.grad`` and steps the optimizer (if one was given).
+
+    Under a ``torch.amp.GradScaler`` (``backward(scaler.scale(loss), ...)``) the weights
+    do not depend on the loss scale: the deltas are unscaled, and agreement on scaled
+    meta-gradients is scale-free too; the ``.grad`` written carries the scale, so
+    ``scaler.step(opt)`` unscales it. Build the adapter with ``optimizer=None`` and
+    ``non_finite="propagate"`` so that an overflow reaches the scaler as inf (it skips the
+    step) instead of raising.
     """
 
     def __init__(
         self,
         params: Iterable[Tensor],
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None = None,
         *,
         weighting: Weighting | None = None,
         agreement_on: AgreementOn = "deltas",
         foreach: bool | None = None,
         track_cosines: bool = False,
+        non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
     ) -> None:
         if agreement_on not in ("deltas", "meta_gradients"):
@@ -44,14 +52,13 @@ class MetaGradientRecorder:
                 "`agreement_on` should be 'deltas' (Algorithm 1, lines 7-9) or "
                 f"'meta_gradients'. Found {agreement_on!r}."
             )
-        if optimizer is None:
-            raise TypeError("`optimizer` should be the outer torch.optim.Optimizer. Found None.")
         self.aggregator = GradientAgreementAggregator(
             params,
             optimizer,
             weighting=weighting,
             foreach=foreach,
             track_cosines=track_cosines,
+            non_finite=non_finite,
             process_group=process_group,
         )
         self.agreement_on = agreement_on
@@ -63,8 +70,7 @@ class MetaGradientRecorder:
         return self.aggregator.params
 
     @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        assert self.aggregator.optimizer is not None
+    def optimizer(self) -> torch.optim.Optimizer | None:
         return self.aggregator.optimizer
 
     @property
@@ -154,8 +160,13 @@ class MetaGradientRecorder:
         self.meta_gradients.append(meta_gradient)
         self.deltas.append(list(delta))
 
-    def step(self) -> Tensor:
+    def step(self, *, accumulate: bool = False) -> Tensor:
         """Weight the recorded tasks, write Σ w_i ∇L_i(θ_i) into ``.grad``, step, clear.
+
+        Without an optimizer (``optimizer=None``) it only writes ``.grad``: the loop's own
+        ``clip_grad_norm_`` / ``scaler.step(opt)`` / ``opt.step()`` follows.
+        ``accumulate=True`` adds to the ``.grad`` already there instead of replacing it
+        (see :meth:`ga_optim.GradientAgreementAggregator.step`).
 
         Returns the weights (of every rank's tasks, in a process group). If it raises,
         nothing was written and the recorded tasks are kept. In a process group every rank
@@ -167,7 +178,9 @@ class MetaGradientRecorder:
                 "of the meta-batch first."
             )
         measured = self.deltas if self.agreement_on == "deltas" else None
-        weights = self.aggregator.step(self.meta_gradients, agreement_vectors=measured)
+        weights = self.aggregator.step(
+            self.meta_gradients, agreement_vectors=measured, accumulate=accumulate
+        )
         self.clear()
         return weights
 

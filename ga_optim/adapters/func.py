@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator
+from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator, NonFinitePolicy
 from .._weightings import Weighting
 
 __all__ = ["FuncAgreement", "reptile_deltas", "stacked_task_vectors"]
@@ -81,6 +81,9 @@ class FuncAgreement:
             parameter is materialised) or the readable per-tensor loop; the same result.
         track_cosines: record each task's cosine with the mean agreement vector in
             :attr:`last_diagnostics` (one more pass over the vectors).
+        non_finite: ``"raise"`` (default) or ``"propagate"``: let NaN/Inf meta-gradients
+            reach ``.grad`` for a ``torch.amp.GradScaler`` to skip the step (needs
+            ``optimizer=None``; see :class:`~ga_optim.GradientAgreementAggregator`).
         process_group: ``None`` (one process) or a ``torch.distributed`` process group over
             which the meta-batch is spread: each rank passes its own tasks' stacked
             vectors (``[0, ...]`` when it has none) and every rank calls :meth:`step`
@@ -95,6 +98,7 @@ class FuncAgreement:
         weighting: Weighting | None = None,
         foreach: bool | None = None,
         track_cosines: bool = False,
+        non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -107,6 +111,7 @@ class FuncAgreement:
             weighting=weighting,
             foreach=foreach,
             track_cosines=track_cosines,
+            non_finite=non_finite,
             process_group=process_group,
         )
 
@@ -139,13 +144,22 @@ class FuncAgreement:
         )
         return dict(zip(self.names, result))
 
-    def step(self, task_vectors: Stacked, *, agreement_vectors: Stacked | None = None) -> Tensor:
-        """Write Σ_i w_i v_i into ``.grad`` and step; return the weights.
+    def step(
+        self,
+        task_vectors: Stacked,
+        *,
+        agreement_vectors: Stacked | None = None,
+        accumulate: bool = False,
+    ) -> Tensor:
+        """Write Σ_i w_i v_i into ``.grad`` and step (if an optimizer was given); return the
+        weights. ``accumulate=True`` adds to the ``.grad`` already there.
 
         Reptile: ``step(reptile_deltas(params, adapted))``. MAML (Algorithm 1, lines 7–9):
         ``step(meta_grads, agreement_vectors=reptile_deltas(params, adapted))``.
         """
         tasks = self._tasks(task_vectors, "task_vectors")
         return self.aggregator.step(
-            tasks, agreement_vectors=self._tasks(agreement_vectors, "agreement_vectors")
+            tasks,
+            agreement_vectors=self._tasks(agreement_vectors, "agreement_vectors"),
+            accumulate=accumulate,
         )

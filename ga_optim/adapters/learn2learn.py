@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._aggregator import NonFinitePolicy
 from .._weightings import Weighting
 from ._recorder import AgreementOn, MetaGradientRecorder
 from .reptile import AgreementReptile
@@ -53,13 +54,18 @@ class AgreementMAML(MetaGradientRecorder):
 
     Args:
         maml: an ``l2l.algorithms.MAML`` or ``l2l.algorithms.MetaSGD``.
-        optimizer: the outer optimizer over ``maml.parameters()``.
+        optimizer: the outer optimizer over ``maml.parameters()``, or ``None``:
+            :meth:`step` then only writes ``.grad`` and the loop steps itself (gradient
+            clipping, ``scaler.step(opt)`` under a ``torch.amp.GradScaler``).
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
         agreement_on: ``"deltas"`` (the paper) or ``"meta_gradients"``.
         foreach: use ``torch._foreach_*`` kernels (default ``None``: yes, where a
             parameter is materialised) or the readable per-tensor loop; the same result.
         track_cosines: record each task's cosine with the mean agreement vector in
             :attr:`last_diagnostics` (one more pass over the vectors).
+        non_finite: ``"raise"`` (default) or ``"propagate"``: let NaN/Inf meta-gradients
+            reach ``.grad`` for a ``torch.amp.GradScaler`` to skip the step (needs
+            ``optimizer=None``; see :class:`~ga_optim.GradientAgreementAggregator`).
         process_group: ``None`` (one process) or a ``torch.distributed`` process group over
             which the meta-batch is spread: each rank records its own tasks and every rank
             calls :meth:`step` (see :class:`~ga_optim.GradientAgreementAggregator`).
@@ -68,12 +74,13 @@ class AgreementMAML(MetaGradientRecorder):
     def __init__(
         self,
         maml: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None = None,
         *,
         weighting: Weighting | None = None,
         agreement_on: AgreementOn = "deltas",
         foreach: bool | None = None,
         track_cosines: bool = False,
+        non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
     ) -> None:
         if not isinstance(maml, (l2l.algorithms.MAML, l2l.algorithms.MetaSGD)):
@@ -89,6 +96,7 @@ class AgreementMAML(MetaGradientRecorder):
             agreement_on=agreement_on,
             foreach=foreach,
             track_cosines=track_cosines,
+            non_finite=non_finite,
             process_group=process_group,
         )
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator
+from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator, NonFinitePolicy
 from .._weightings import Weighting
 
 __all__ = ["AgreementReptile"]
@@ -35,12 +35,17 @@ class AgreementReptile:
 
     Args:
         model: the meta-model θ.
-        optimizer: the outer optimizer over ``model.parameters()``.
+        optimizer: the outer optimizer over ``model.parameters()``, or ``None``:
+            :meth:`step` then only writes ``.grad`` and the loop steps itself (gradient
+            clipping, ``scaler.step(opt)`` under a ``torch.amp.GradScaler``).
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
         foreach: use ``torch._foreach_*`` kernels (default ``None``: yes, where a
             parameter is materialised) or the readable per-tensor loop; the same result.
         track_cosines: record each task's cosine with the mean task vector in
             :attr:`last_diagnostics` (one more pass over the vectors).
+        non_finite: ``"raise"`` (default) or ``"propagate"``: let NaN/Inf meta-gradients
+            reach ``.grad`` for a ``torch.amp.GradScaler`` to skip the step (needs
+            ``optimizer=None``; see :class:`~ga_optim.GradientAgreementAggregator`).
         process_group: ``None`` (one process) or a ``torch.distributed`` process group over
             which the meta-batch is spread: each rank records its own tasks and every rank
             calls :meth:`step` (see :class:`~ga_optim.GradientAgreementAggregator`).
@@ -49,17 +54,16 @@ class AgreementReptile:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None = None,
         *,
         weighting: Weighting | None = None,
         foreach: bool | None = None,
         track_cosines: bool = False,
+        non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` should be a torch.nn.Module. Found `{type(model).__name__}`.")
-        if optimizer is None:
-            raise TypeError("`optimizer` should be the outer torch.optim.Optimizer. Found None.")
         self.model = model
         self.aggregator = GradientAgreementAggregator(
             model.parameters(),
@@ -67,6 +71,7 @@ class AgreementReptile:
             weighting=weighting,
             foreach=foreach,
             track_cosines=track_cosines,
+            non_finite=non_finite,
             process_group=process_group,
         )
         self.deltas: list[list[Tensor]] = []
@@ -104,8 +109,11 @@ class AgreementReptile:
         with torch.no_grad():
             self.deltas.append([s.detach() - f.detach() for s, f in zip(slow, fast)])
 
-    def step(self) -> Tensor:
+    def step(self, *, accumulate: bool = False) -> Tensor:
         """Apply θ ← θ + α Σ w_i (θ_i − θ) through the outer optimizer; return the weights.
+
+        Without an optimizer it writes Σ w_i (θ − θ_i) into ``.grad`` and the caller steps;
+        ``accumulate=True`` adds to the ``.grad`` already there.
 
         Clears the recorded learners. If it raises, nothing was written and they are kept.
         In a process group every rank calls it, a rank with no recorded learner too.
@@ -115,6 +123,6 @@ class AgreementReptile:
                 "step() found no recorded learner: call record(learner) once per task of "
                 "the meta-batch first."
             )
-        weights = self.aggregator.step(self.deltas)
+        weights = self.aggregator.step(self.deltas, accumulate=accumulate)
         self.deltas = []
         return weights

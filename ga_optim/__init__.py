@@ -5,7 +5,7 @@ private.
 """
 
 from ._aggregator import AgreementDiagnostics, GradientAgreementAggregator
-from ._checks import NonFiniteError
+from ._checks import NonFiniteError, TaskStack
 from ._weightings import (
     Agreement,
     CosineAgreement,
@@ -27,6 +27,7 @@ __all__ = [
     "Needs",
     "NonFiniteError",
     "NonNegativeAgreement",
+    "TaskStack",
     "Weighting",
     "__version__",
     "agreement_weights",

@@ -20,7 +20,14 @@ from ._checks import (
     locate_non_finite,
 )
 from ._collective import code_dtype, dtype_code, make_collective
-from ._kernels import default_foreach, materialize, weighted_sum
+from ._kernels import (
+    count_non_finite,
+    default_foreach,
+    dots_with,
+    materialize,
+    task_sum,
+    weighted_sum,
+)
 from ._weightings import Agreement, Weighting, weights_of_batch
 from ._weights import task_cosines, uniform_weights
 
@@ -36,7 +43,8 @@ class AgreementDiagnostics:
 
     Attributes:
         weights: the task weights ``[N]``.
-        num_negative: how many weights are negative (tasks that fought the batch).
+        num_negative: how many weights are negative (tasks that fought the batch); a
+            property, computed when read.
         cosines: each task's cosine with the mean of the agreement vectors ``[N]``, or
             ``None`` unless the aggregator was built with ``track_cosines=True`` (it costs
             one more pass over the vectors). Zero for an all-zero vector.
@@ -48,9 +56,14 @@ class AgreementDiagnostics:
     """
 
     weights: Tensor
-    num_negative: int
     cosines: Tensor | None
     bytes_sent: int = 0
+
+    @property
+    def num_negative(self) -> int:
+        """How many weights are negative (read on access: the step itself reads nothing
+        back from the device)."""
+        return int((self.weights < 0).sum())
 
 
 class GradientAgreementAggregator:
@@ -232,10 +245,6 @@ class GradientAgreementAggregator:
                     f"`agreement_vectors` holds {measured.num_tasks} tasks; `task_vectors` "
                     f"holds {batch.num_tasks}. Both must describe the same meta-batch."
                 )
-            if self.weighting.needs == "count" and self.non_finite == "raise":
-                # Mean never reads these values; check them here, once, so NaN is not
-                # let through silently.
-                locate_non_finite(measured)
         return batch, measured
 
     def _prepare(
@@ -376,15 +385,71 @@ class GradientAgreementAggregator:
         agreement_vectors: object,
         gramian: Tensor | None,
     ) -> tuple[list[Tensor], Tensor, AgreementDiagnostics]:
-        collective = self._collective
-        collective.reset_bytes()
+        self._collective.reset_bytes()
         batch, measured = self._prepare(task_vectors, agreement_vectors, gramian)
-        weights = self._weights_of(measured, gramian)
-        foreach = self._foreach(batch)
+        if gramian is None and self.weighting.needs in ("count", "scores"):
+            fast = self._fast(batch, measured)
+            if fast is not None:
+                return fast
+        return self._careful(batch, measured, gramian)
+
+    def _fast(
+        self, batch: TaskBatch, measured: TaskBatch
+    ) -> tuple[list[Tensor], Tensor, AgreementDiagnostics] | None:
+        """The whole call as device arithmetic and one value read back to the host: a
+        flag over everything read and produced (finite scores clear of underflow, finite
+        weights and update, and, for ``Mean`` with ``agreement_vectors``, finite values it
+        does not otherwise read). ``None`` when the flag is down: then :meth:`_careful`
+        redoes the call, raising with the culprit's task and parameter or rescaling. In a
+        process group the flag is read from reduced values, so every rank agrees."""
+        collective = self._collective
+        uniform = uniform_weights(measured)
+        dtype = uniform.dtype
+        checks: list[Tensor] = []
+        if self.weighting.needs == "count":
+            scores = torch.zeros_like(uniform)
+        else:
+            foreach = self._foreach(measured)
+            sums = task_sum(measured, dtype, foreach=foreach)
+            collective.sum_([s for s in sums if s is not None])
+            local = dots_with(measured, sums, dtype, foreach=foreach)
+            scores = collective.gather(local, measured.all_counts)
+            info = torch.finfo(dtype)
+            largest = scores.abs().amax()  # NaN and Inf fail the comparison too
+            checks.append(largest >= info.tiny / info.eps)  # not all zero, no underflow
+        weights = self.weighting.from_scores(scores)
+        if weights.shape != uniform.shape:
+            return None  # the careful path names the weighting
+        weights = weights.to(dtype)
+        checks.append(torch.isfinite(weights).all())
         mine = weights[batch.first_task : batch.first_task + batch.num_tasks]
-        combined = materialize(batch, weighted_sum(batch, mine.tolist(), foreach=foreach))
-        collective.sum_([t for t in combined if t is not None])
-        result = [
+        combined = materialize(batch, weighted_sum(batch, mine, foreach=self._foreach(batch)))
+        wire = [t for t in combined if t is not None]
+        unread = None
+        if self.weighting.needs == "count" and measured is not batch:
+            if self.non_finite == "raise":
+                # Mean does not read these values: count their non-finite entries on the
+                # device, carried by the update's all-reduce.
+                unread = count_non_finite(measured, wire[0].dtype if wire else dtype)
+                wire.append(unread)
+        collective.sum_(wire)
+        result = self._cast(combined, batch)
+        magnitudes = torch.stack(torch._foreach_norm(result, math.inf))
+        checks.append(torch.isfinite(magnitudes).all())
+        if unread is not None:
+            checks.append(unread == 0)
+        if not bool(torch.stack(checks).all()):  # the one value read back to the host
+            return None
+        cosines = (
+            task_cosines(measured, foreach=self._foreach(measured), collective=collective)
+            if self.track_cosines
+            else None
+        )
+        return result, weights, AgreementDiagnostics(weights, cosines, collective.bytes_sent)
+
+    def _cast(self, combined: list[Tensor | None], batch: TaskBatch) -> list[Tensor]:
+        """The update in the vectors' dtype; zeros for a parameter no task has."""
+        return [
             torch.zeros_like(param)
             if vector is None
             else vector.to(dtype)
@@ -392,6 +457,22 @@ class GradientAgreementAggregator:
             else vector
             for vector, param, dtype in zip(combined, self.params, batch.global_dtypes)
         ]
+
+    def _careful(
+        self, batch: TaskBatch, measured: TaskBatch, gramian: Tensor | None
+    ) -> tuple[list[Tensor], Tensor, AgreementDiagnostics]:
+        """Step by step, with a check after each: raises naming the rank, task and
+        parameter of a non-finite value; rescales scores that over- or underflow."""
+        collective = self._collective
+        if self.weighting.needs == "count" and measured is not batch and self.non_finite == "raise":
+            # Mean never reads these values; check them, so NaN is not let through silently.
+            collective.raise_together(lambda: locate_non_finite(measured))
+        weights = self._weights_of(measured, gramian)
+        foreach = self._foreach(batch)
+        mine = weights[batch.first_task : batch.first_task + batch.num_tasks]
+        combined = materialize(batch, weighted_sum(batch, mine, foreach=foreach))
+        collective.sum_([t for t in combined if t is not None])
+        result = self._cast(combined, batch)
         magnitudes = torch.stack(torch._foreach_norm(result, math.inf))
         finite = bool(torch.isfinite(magnitudes).all())
         if not finite and self.non_finite == "raise":
@@ -413,13 +494,7 @@ class GradientAgreementAggregator:
                 if finite
                 else torch.full_like(weights, math.nan, dtype=torch.float64)
             )
-        diagnostics = AgreementDiagnostics(
-            weights=weights,
-            num_negative=int((weights < 0).sum()),
-            cosines=cosines,
-            bytes_sent=collective.bytes_sent,
-        )
-        return result, weights, diagnostics
+        return result, weights, AgreementDiagnostics(weights, cosines, collective.bytes_sent)
 
     def aggregate(
         self,

@@ -8,8 +8,9 @@ parameter index), what was expected, what was found.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -17,6 +18,7 @@ from torch import Tensor
 __all__ = [
     "NonFiniteError",
     "TaskBatch",
+    "TaskStack",
     "as_task_batch",
     "check_gramian",
     "check_params",
@@ -33,6 +35,65 @@ class NonFiniteError(ValueError):
     """
 
 
+class TaskStack:
+    """Task vectors stacked over tasks: one tensor ``[N, *param.shape]`` per parameter.
+
+    What ``torch.func.vmap`` returns, and the fast form: the aggregator combines it with a
+    number of kernels that does not depend on N (a sum, a matrix-vector product for the
+    scores and a weighted reduction per parameter, or per pack of small parameters),
+    never unbinding the tasks. :class:`~ga_optim.adapters.func.FuncAgreement` passes its
+    dicts this way; a ``[N, P]`` tensor is read the same way.
+
+    Args:
+        columns: one tensor per parameter, in the parameters' order, each with the tasks
+            along dimension 0.
+    """
+
+    def __init__(self, columns: Sequence[Tensor]) -> None:
+        if isinstance(columns, Tensor) or not isinstance(columns, Sequence):
+            raise TypeError(
+                "`columns` should be a sequence of tensors [N, *param.shape], one per "
+                f"parameter. Found `{type(columns).__name__}`."
+            )
+        self.columns = list(columns)
+
+    def __repr__(self) -> str:
+        shapes = [tuple(c.shape) if isinstance(c, Tensor) else c for c in self.columns]
+        return f"TaskStack({shapes})"
+
+
+class _Rows(Sequence[list[Tensor | None]]):
+    """Per-task views of stacked columns, built on first access (the slow paths only)."""
+
+    def __init__(self, columns: list[Tensor], shapes: list[torch.Size], n: int) -> None:
+        self._columns, self._shapes, self._n = columns, shapes, n
+        self._rows: list[list[Tensor | None]] | None = None
+
+    def _build(self) -> list[list[Tensor | None]]:
+        if self._rows is None:
+            unbound = [column.unbind(0) for column in self._columns]
+            self._rows = [
+                [rows[i].view(shape) for rows, shape in zip(unbound, self._shapes)]
+                for i in range(self._n)
+            ]
+        return self._rows
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, index: int) -> list[Tensor | None]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[list[Tensor | None]]: ...
+
+    def __getitem__(self, index: int | slice) -> list[Tensor | None] | list[list[Tensor | None]]:
+        return self._build()[index]
+
+    def __iter__(self) -> Iterator[list[Tensor | None]]:
+        return iter(self._build())
+
+
 @dataclass(frozen=True)
 class TaskBatch:
     """Validated per-task vectors: ``tasks[i][p]`` is task ``i``'s tensor for parameter ``p``.
@@ -42,7 +103,7 @@ class TaskBatch:
     parameter (``None`` where no task and no reference parameter gives one).
     """
 
-    tasks: list[list[Tensor | None]]
+    tasks: Sequence[list[Tensor | None]]
     name: str
     shapes: list[torch.Size | None]
     dtypes: list[torch.dtype | None]
@@ -54,6 +115,10 @@ class TaskBatch:
     counts: tuple[int, ...] | None = None
     #: Index of this rank's first task in the meta-batch (0 in one process).
     first_task: int = 0
+    #: Stacked input: per parameter, the tasks as one ``[N, numel]`` matrix (views of what
+    #: the caller passed); ``tasks`` then holds per-task views, made only if a slow path
+    #: asks for them.
+    stacked: list[Tensor] | None = None
     #: Scratch space for the kernels (packed small parameters, the plan), per call.
     cache: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
@@ -114,33 +179,104 @@ def check_params(params: object, name: str = "params") -> list[Tensor]:
     return result
 
 
-def _split_flat(flat: Tensor, name: str, params: list[Tensor]) -> list[list[Tensor | None]]:
-    """Views of a [N, sum(numel)] matrix, one per task and parameter."""
-    numels = [param.numel() for param in params]
-    if flat.dim() != 2 or flat.shape[1] != sum(numels):
-        shapes = ", ".join(str(_shape(param.shape)) for param in params)
-        raise ValueError(
-            f"`{name}` is a tensor of shape {_shape(flat.shape)}; for the {len(params)} "
-            f"parameters ({shapes}) expected [N, *param.shape] for a single parameter or "
-            f"[N, {sum(numels)}] (flattened and concatenated)."
-        )
-    tasks: list[list[Tensor | None]] = []
-    for row in flat:
-        tasks.append([chunk.view(param.shape) for chunk, param in zip(row.split(numels), params)])
-    return tasks
-
-
-def _tensor_tasks(
+def _stacked_tensor(
     task_vectors: Tensor, name: str, params: list[Tensor] | None, allow_empty: bool
-) -> list[list[Tensor | None]]:
+) -> TaskBatch:
+    """A tensor ``[N, ...]`` (one parameter) or ``[N, sum(numel)]`` (several): per-parameter
+    ``[N, numel]`` views, no copy."""
     if task_vectors.dim() == 0 or (task_vectors.shape[0] == 0 and not allow_empty):
         raise ValueError(
             f"`{name}` should be a tensor [N, ...] with N >= 1 tasks along dimension 0. "
             f"Found shape {_shape(task_vectors.shape)}."
         )
+    if not task_vectors.is_floating_point():
+        raise TypeError(f"`{name}` should have a floating-point dtype. Found {task_vectors.dtype}.")
+    n = task_vectors.shape[0]
     if params is None or (len(params) == 1 and task_vectors.shape[1:] == params[0].shape):
-        return [[row] for row in task_vectors.unbind(0)]
-    return _split_flat(task_vectors, name, params)
+        shapes = [task_vectors.shape[1:]]
+        columns = [task_vectors.reshape(n, shapes[0].numel())]
+    else:
+        numels = [param.numel() for param in params]
+        if task_vectors.dim() != 2 or task_vectors.shape[1] != sum(numels):
+            described = ", ".join(str(_shape(param.shape)) for param in params)
+            raise ValueError(
+                f"`{name}` is a tensor of shape {_shape(task_vectors.shape)}; for the "
+                f"{len(params)} parameters ({described}) expected [N, *param.shape] for a "
+                f"single parameter or [N, {sum(numels)}] (flattened and concatenated)."
+            )
+        shapes = [param.shape for param in params]
+        columns = list(torch.split(task_vectors, numels, dim=1))
+    if params is not None:
+        for p, param in enumerate(params):
+            if task_vectors.device != param.device:
+                raise ValueError(
+                    f"`{name}` is on device {task_vectors.device}; parameter {p} has "
+                    f"{param.device}."
+                )
+    return _stacked_batch(columns, shapes, name, n)
+
+
+def _stacked_batch(columns: list[Tensor], shapes: list[torch.Size], name: str, n: int) -> TaskBatch:
+    return TaskBatch(
+        tasks=_Rows(columns, shapes, n),
+        name=name,
+        shapes=list(shapes),
+        dtypes=[c.dtype if n else None for c in columns],
+        devices=[c.device for c in columns],
+        stacked=columns,
+    )
+
+
+def _task_stack(
+    stack: TaskStack, name: str, params: list[Tensor] | None, allow_empty: bool
+) -> TaskBatch:
+    """A :class:`TaskStack`: each column ``[N, *param.shape]``, as ``[N, numel]`` views."""
+    columns = stack.columns
+    if params is not None and len(columns) != len(params):
+        raise ValueError(
+            f"`{name}` holds {len(columns)} stacked tensors; expected one per parameter "
+            f"({len(params)})."
+        )
+    if not columns:
+        raise ValueError(f"`{name}` should hold at least one stacked tensor. Found none.")
+    n = -1
+    flat: list[Tensor] = []
+    shapes: list[torch.Size] = []
+    for p, column in enumerate(columns):
+        where = f"`{name}` parameter {p}"
+        if not isinstance(column, Tensor):
+            raise TypeError(
+                f"{where} should be a Tensor [N, ...]. Found `{type(column).__name__}`."
+            )
+        if not column.is_floating_point():
+            raise TypeError(f"{where} should have a floating-point dtype. Found {column.dtype}.")
+        if column.dim() == 0:
+            raise ValueError(f"{where} should be [N, ...] with the tasks along dimension 0.")
+        if n < 0:
+            n = column.shape[0]
+        if column.shape[0] != n:
+            raise ValueError(
+                f"{where} holds {column.shape[0]} tasks along dimension 0; parameter 0 "
+                f"holds {n}. Every parameter should hold the same tasks."
+            )
+        shape = column.shape[1:]
+        if params is not None:
+            param = params[p]
+            if shape != param.shape:
+                raise ValueError(
+                    f"{where} has shape {_shape(column.shape)}; expected "
+                    f"[N, {', '.join(map(str, param.shape))}] for a parameter of shape "
+                    f"{_shape(param.shape)}."
+                )
+            if column.device != param.device:
+                raise ValueError(
+                    f"{where} is on device {column.device}; the parameter is on {param.device}."
+                )
+        shapes.append(shape)
+        flat.append(column.reshape(column.shape[0], shape.numel()))
+    if n == 0 and not allow_empty:
+        raise ValueError(f"`{name}` should hold at least one task. Found N = 0.")
+    return _stacked_batch(flat, shapes, name, n)
 
 
 def _sequence_tasks(
@@ -180,15 +316,18 @@ def as_task_batch(
     """Validate per-task vectors and return them as a :class:`TaskBatch`.
 
     Accepts a tensor ``[N, ...]`` (one parameter; or ``[N, sum(numel)]`` when ``params``
-    has several) or a sequence of ``N`` sequences of tensors (``None`` counts as zeros).
+    has several) or a :class:`TaskStack` (both read as stacked columns, without unbinding
+    the tasks), or a sequence of ``N`` sequences of tensors (``None`` counts as zeros).
     Checks types, counts, shapes, dtypes and devices; values are checked later, for free,
     from the results (see :func:`locate_non_finite`). ``allow_empty`` (a rank of a process
     group with no task this step, ``params`` given) accepts zero tasks.
     """
+    empty = allow_empty and params is not None
     if isinstance(task_vectors, Tensor):
-        tasks = _tensor_tasks(task_vectors, name, params, allow_empty and params is not None)
-    else:
-        tasks = _sequence_tasks(task_vectors, name, allow_empty and params is not None)
+        return _stacked_tensor(task_vectors, name, params, empty)
+    if isinstance(task_vectors, TaskStack):
+        return _task_stack(task_vectors, name, params, empty)
+    tasks = _sequence_tasks(task_vectors, name, empty)
 
     num_params = len(params) if params is not None else len(tasks[0])
     for i, task in enumerate(tasks):

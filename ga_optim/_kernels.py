@@ -23,6 +23,7 @@ are exact to float32 precision.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -38,6 +39,7 @@ __all__ = [
     "PACK_ELEMENTS",
     "SMALL_NUMEL",
     "accumulation_dtype",
+    "count_non_finite",
     "default_foreach",
     "dots_with",
     "gramian",
@@ -79,31 +81,54 @@ def _plan(batch: TaskBatch, foreach: bool) -> _Plan:
     key = ("plan", foreach)
     if key in batch.cache:
         return cast(_Plan, batch.cache[key])
+    plan = (
+        _stacked_plan(batch)
+        if foreach and batch.stacked is not None
+        else _list_plan(batch, foreach)
+    )
+    batch.cache[key] = plan
+    return plan
+
+
+def _small_packs(batch: TaskBatch, params: list[int]) -> tuple[list[list[int]], list[int]]:
+    """Small parameters grouped per dtype and device into packs of at most
+    :data:`PACK_ELEMENTS` entries; the others, left out."""
+    n = batch.num_tasks
+    numels = _numels(batch)
+    groups: dict[tuple[torch.dtype | None, torch.device | None], list[list[int]]] = {}
+    others = []
+    for p in params:
+        if numels[p] > SMALL_NUMEL or n * numels[p] > PACK_ELEMENTS:
+            others.append(p)
+            continue
+        group = groups.setdefault((batch.dtypes[p], batch.devices[p]), [[]])
+        used = sum(numels[q] for q in group[-1])
+        if n * (used + numels[p]) > PACK_ELEMENTS:
+            group.append([])
+        group[-1].append(p)
+    return [pack for group in groups.values() for pack in group], others
+
+
+def _list_plan(batch: TaskBatch, foreach: bool) -> _Plan:
     firsts = [
         next((i for i, task in enumerate(batch.tasks) if task[p] is not None), None)
         for p in range(batch.num_params)
     ]
     present = [p for p, dtype in enumerate(batch.dtypes) if dtype is not None]  # some task has it
-    packs: list[list[int]] = []
-    singles = present
-    if foreach:
-        n = batch.num_tasks
-        numels = _numels(batch)
-        groups: dict[tuple[torch.dtype | None, torch.device | None], list[list[int]]] = {}
-        singles = []
-        for p in present:
-            if numels[p] > SMALL_NUMEL or n * numels[p] > PACK_ELEMENTS:
-                singles.append(p)
-                continue
-            group = groups.setdefault((batch.dtypes[p], batch.devices[p]), [[]])
-            used = sum(numels[q] for q in group[-1])
-            if n * (used + numels[p]) > PACK_ELEMENTS:
-                group.append([])
-            group[-1].append(p)
-        packs = [pack for group in groups.values() for pack in group]
-    plan = _Plan(packs=packs, singles=singles, firsts=firsts)
-    batch.cache[key] = plan
-    return plan
+    if not foreach:
+        return _Plan(packs=[], singles=present, firsts=firsts)
+    packs, singles = _small_packs(batch, present)
+    return _Plan(packs=packs, singles=singles, firsts=firsts)
+
+
+def _stacked_plan(batch: TaskBatch) -> _Plan:
+    """Stacked input: every parameter is already an ``[N, numel]`` matrix. A large one is
+    a pack of its own (a view, no copy); small ones are concatenated into packs. Every
+    kernel then runs per pack, whatever N is."""
+    present = [p for p, dtype in enumerate(batch.dtypes) if dtype is not None]
+    packs, large = _small_packs(batch, present)
+    firsts: list[int | None] = [0 if p in present else None for p in range(batch.num_params)]
+    return _Plan(packs=[[p] for p in large] + packs, singles=[], firsts=firsts)
 
 
 def _numels(batch: TaskBatch) -> list[int]:
@@ -118,10 +143,16 @@ def _packed(batch: TaskBatch, pack: list[int], dtype: torch.dtype) -> Tensor:
     build it once; beyond that it is rebuilt when needed and dropped, so at most one more
     pack (≤ :data:`PACK_ELEMENTS` entries) is alive at a time.
     """
+    if batch.stacked is not None and len(pack) == 1:
+        if batch.stacked[pack[0]].dtype == dtype:  # a view of the caller's tensor: no copy
+            return batch.stacked[pack[0]]
     key = ("pack", tuple(pack), dtype)
     kept = batch.cache.get(key)
     if kept is not None:
         return cast(Tensor, kept)
+    if batch.stacked is not None:
+        columns = [batch.stacked[p].to(dtype) for p in pack]
+        return _keep(batch, key, columns[0] if len(columns) == 1 else torch.cat(columns, dim=1))
     columns = []
     for p in pack:
         present = [t for task in batch.tasks if (t := task[p]) is not None]
@@ -129,7 +160,11 @@ def _packed(batch: TaskBatch, pack: list[int], dtype: torch.dtype) -> Tensor:
         rows = [zeros if t[p] is None else t[p] for t in batch.tasks]
         matrix = torch.stack(cast(list[Tensor], rows))
         columns.append(matrix.reshape(batch.num_tasks, -1).to(dtype))
-    packed = columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
+    return _keep(batch, key, columns[0] if len(columns) == 1 else torch.cat(columns, dim=1))
+
+
+def _keep(batch: TaskBatch, key: object, packed: Tensor) -> Tensor:
+    """Keep ``packed`` for the rest of the call while the kept packs fit the budget."""
     used = cast(int, batch.cache.get("pack_entries", 0))
     if used + packed.numel() <= PACK_CACHE_ELEMENTS:
         batch.cache[key] = packed
@@ -145,7 +180,7 @@ def _unpack(batch: TaskBatch, pack: list[int], flat: Tensor) -> list[Tensor]:
 
 def weighted_sum(
     batch: TaskBatch,
-    coeffs: Sequence[float],
+    coeffs: Tensor | Sequence[float],
     *,
     foreach: bool,
     acc_dtype: torch.dtype | None = None,
@@ -154,18 +189,28 @@ def weighted_sum(
 ) -> list[Tensor | None]:
     """``Σ_i coeffs[i] · tasks[i][p]`` for every parameter ``p``.
 
-    Accumulates in ``acc_dtype`` (default: :func:`accumulation_dtype` of each parameter's
-    dtype). With ``out_dtype=True`` the result is cast back to the tasks' dtype. A parameter
-    that no task has gives ``None``. ``packing=False`` keeps even small parameters on the
-    foreach lists.
+    ``coeffs`` is a tensor ``[N]`` (it stays where it is: no value is read back to the
+    host) or a sequence of floats. Accumulates in ``acc_dtype`` (default:
+    :func:`accumulation_dtype` of each parameter's dtype). With ``out_dtype=True`` the
+    result is cast back to the tasks' dtype. A parameter that no task has gives ``None``.
+    ``packing=False`` keeps even small parameters on the foreach lists.
     """
     plan = _plan(batch, foreach and packing)
     out: list[Tensor | None] = [None] * batch.num_params
+    given = (
+        coeffs if isinstance(coeffs, Tensor) else torch.tensor(list(coeffs), dtype=torch.float64)
+    )
+    by_dtype: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def cast_to(dtype: torch.dtype, device: torch.device) -> Tensor:
+        if (dtype, device) not in by_dtype:
+            by_dtype[dtype, device] = given.to(device=device, dtype=dtype)
+        return by_dtype[dtype, device]
 
     for pack in plan.packs:
         dtype = acc_dtype or accumulation_dtype(batch.dtypes[pack[0]])  # type: ignore[arg-type]
         matrix = _packed(batch, pack, dtype)
-        weights = torch.tensor(list(coeffs), dtype=dtype, device=matrix.device)
+        weights = cast_to(dtype, matrix.device)
         for p, tensor in zip(pack, _unpack(batch, pack, weights @ matrix)):
             out[p] = tensor
 
@@ -174,7 +219,8 @@ def weighted_sum(
         assert f is not None
         first = batch.tasks[f][p]
         assert first is not None
-        out[p] = torch.mul(first.to(acc_dtype or accumulation_dtype(first.dtype)), coeffs[f])
+        dtype = acc_dtype or accumulation_dtype(first.dtype)
+        out[p] = first.to(dtype) * cast_to(dtype, first.device)[f]
 
     numels = _numels(batch)
     lists = [p for p in plan.singles if foreach and numels[p] <= LARGE_NUMEL]
@@ -186,19 +232,21 @@ def weighted_sum(
                 for p in lists
                 if i > plan.firsts[p] and batch.tasks[i][p] is not None  # type: ignore[operator]
             ]
-            if index:
-                torch._foreach_add_(
-                    [out[p] for p in index],  # type: ignore[misc]
-                    [batch.tasks[i][p] for p in index],  # type: ignore[misc]
-                    alpha=coeffs[i],
+            for (dtype, device), members in _by_dtype(out, index).items():
+                # A device scalar times a list, then added: no value read back to the host.
+                scaled = torch._foreach_mul(
+                    [cast(Tensor, batch.tasks[i][p]).to(dtype) for p in members],
+                    cast_to(dtype, device)[i],
                 )
+                torch._foreach_add_([cast(Tensor, out[p]) for p in members], scaled)
     for p in loops:
         total = out[p]
         assert total is not None
+        c = cast_to(total.dtype, total.device)
         for i in range(plan.firsts[p] + 1, batch.num_tasks):  # type: ignore[operator]
             vector = batch.tasks[i][p]
             if vector is not None:
-                total.add_(vector, alpha=coeffs[i])
+                total.addcmul_(vector, c[i])
 
     if out_dtype:
         out = [
@@ -206,6 +254,16 @@ def weighted_sum(
             for t, dtype in zip(out, batch.dtypes)
         ]
     return out
+
+
+def _by_dtype(
+    out: list[Tensor | None], index: list[int]
+) -> dict[tuple[torch.dtype, torch.device], list[int]]:
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for p in index:
+        t = cast(Tensor, out[p])
+        groups.setdefault((t.dtype, t.device), []).append(p)
+    return groups
 
 
 def _flat(t: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
@@ -279,8 +337,26 @@ def task_sum(
 ) -> list[Tensor | None]:
     """``scale · Σ_i g_i`` for every parameter, in ``dtype`` (``None`` where no task, on any
     rank, has the parameter)."""
-    coeffs = [scale] * batch.num_tasks
+    device = next(d for d in batch.devices if d is not None)
+    coeffs = torch.full((batch.num_tasks,), scale, dtype=dtype, device=device)
     return materialize(batch, weighted_sum(batch, coeffs, foreach=foreach, acc_dtype=dtype), dtype)
+
+
+def count_non_finite(batch: TaskBatch, dtype: torch.dtype) -> Tensor:
+    """How many entries of ``batch`` are NaN or ±Inf, as a 0-d tensor in ``dtype`` on the
+    batch's device: one reduction per parameter (stacked) or a few multi-tensor kernels
+    (lists), and nothing read back to the host."""
+    device = next(d for d in batch.devices if d is not None)
+    if batch.stacked is not None:
+        parts = [(~torch.isfinite(c)).sum() for c in batch.stacked if c.numel()]
+    else:
+        tensors = [t for task in batch.tasks for t in task if t is not None and t.numel()]
+        # max |x| is NaN or Inf exactly when x holds a NaN or an Inf
+        norms = list(torch._foreach_norm(tensors, math.inf)) if tensors else []
+        parts = [(~torch.isfinite(torch.stack(norms))).sum()] if norms else []
+    if not parts:
+        return torch.zeros((), dtype=dtype, device=device)
+    return torch.stack(parts).sum().to(dtype)
 
 
 def gramian(batch: TaskBatch, dtype: torch.dtype | None = None, gather: Any = None) -> Tensor:

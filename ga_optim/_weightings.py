@@ -21,6 +21,7 @@ from ._weights import (
     agreement_scores,
     cosine_agreement_scores,
     signed_normalize,
+    to_unit_range,
     uniform_weights,
 )
 
@@ -253,14 +254,10 @@ class NonNegativeAgreement(Agreement):
     """
 
     def from_scores(self, scores: Tensor) -> Tensor:
-        positive = scores.clamp(min=0)
+        positive = to_unit_range(scores.clamp(min=0))  # exact; the sum cannot overflow
         total = positive.sum()
-        if not bool(total > 0):
-            return torch.full_like(scores, 1.0 / scores.numel())
-        if not bool(torch.isfinite(total)):
-            positive = positive / positive.max()
-            total = positive.sum()
-        return positive / total
+        uniform = torch.full_like(scores, 1.0 / scores.numel())
+        return torch.where(total > 0, positive / total, uniform)
 
 
 def agreement_weights(
@@ -342,6 +339,5 @@ class CosineAgreement(Agreement):
 
     def from_scores(self, scores: Tensor) -> Tensor:
         n = scores.numel()
-        if float(scores.sum()) <= 4 * n * n * torch.finfo(scores.dtype).eps:
-            return torch.full_like(scores, 1.0 / n)
-        return signed_normalize(scores)
+        cancelled = scores.sum() <= 4 * n * n * torch.finfo(scores.dtype).eps
+        return torch.where(cancelled, torch.full_like(scores, 1.0 / n), signed_normalize(scores))

@@ -16,6 +16,7 @@ __all__ = [
     "cosine_agreement_scores",
     "signed_normalize",
     "task_cosines",
+    "to_unit_range",
     "uniform_weights",
 ]
 
@@ -110,17 +111,24 @@ def _scores(
     return collective.gather(local, batch.all_counts)
 
 
+def to_unit_range(values: Tensor) -> Tensor:
+    """``values`` times the power of two that brings its largest magnitude into
+    ``[0.5, 1)``: exact (so sums that cancel still do), and their sum cannot overflow.
+    On the device, with no value read back to the host; all zeros stay zeros."""
+    _, exponent = torch.frexp(values.abs().amax())
+    return torch.ldexp(values, -exponent)
+
+
 def signed_normalize(scores: Tensor) -> Tensor:
-    """``w_i = r_i / Σ_k |r_k|``; uniform ``1/N`` when every score is zero."""
-    denominator = scores.abs().sum()
-    if bool(denominator == 0) or not bool(torch.isfinite(denominator)):
-        # Scores that are all zero (the mean update is zero) leave no preference, and
-        # scores too large to sum (float64 Gramians near 1e308) are first brought down.
-        if bool(denominator == 0):
-            return torch.full_like(scores, 1.0 / scores.numel())
-        scores = scores / scores.abs().max()
-        denominator = scores.abs().sum()
-    return scores / denominator
+    """``w_i = r_i / Σ_k |r_k|``; uniform ``1/N`` when every score is zero.
+
+    The scores are first scaled by a power of two (exact) so that ``Σ|r|`` cannot overflow
+    (float64 Gramians near 1e308). Branch-free: no value is read back to the host.
+    """
+    scaled = to_unit_range(scores)
+    denominator = scaled.abs().sum()
+    uniform = torch.full_like(scores, 1.0 / scores.numel())
+    return torch.where(denominator > 0, scaled / denominator, uniform)
 
 
 def _norm64(t: Tensor) -> Tensor:

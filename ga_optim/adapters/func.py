@@ -34,6 +34,13 @@ def stacked_task_vectors(
 
     ``allow_empty``: accept N = 0 (a rank of a process group with no task this step).
     """
+    _check_names(stacked, names, allow_empty)
+    columns = [stacked[name].unbind(0) for name in names]
+    return [[column[i] for column in columns] for i in range(stacked[names[0]].shape[0])]
+
+
+def _check_names(stacked: Stacked, names: Sequence[str], allow_empty: bool) -> None:
+    """Every parameter has an entry, nothing else does, and all hold the same N tasks."""
     missing = [name for name in names if name not in stacked]
     if missing:
         raise ValueError(f"`stacked` has no entry for the parameters {missing}.")
@@ -48,8 +55,6 @@ def stacked_task_vectors(
                 f"`stacked[{name!r}]` has {size} tasks along dimension 0; "
                 f"`stacked[{names[0]!r}]` has {n}. Each entry should be [N, *param.shape]."
             )
-    columns = [stacked[name].unbind(0) for name in names]
-    return [[column[i] for column in columns] for i in range(n)]
 
 
 def reptile_deltas(params: Mapping[str, Tensor], adapted: Stacked) -> dict[str, Tensor]:

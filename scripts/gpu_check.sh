@@ -12,8 +12,12 @@ start=$(date +%s)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 } 2>&1 | tee "$out/machine.txt"
-# The whole suite (CUDA tests included; learn2learn/higher tests skip without them).
-timeout 400 python -m pytest tests ga_optim -q -rs -p no:cacheprovider 2>&1 \
-    | tail -60 | tee "$out/pytest.txt"
-python benchmarks/distributed.py --quick 2>&1 | tee "$out/distributed_quick.txt"
+# 1. The GPU benchmark (benchmarks/gpu.py): meta-steps, aggregation, the two-pass floor.
+timeout 200 python benchmarks/gpu.py 2>&1 | tee "$out/gpu.txt"
+# 2. The CUDA tests: one sync per step, weights per dtype, CUDA step = CPU step, gloo on CUDA.
+timeout 90 python -m pytest tests/test_fast_path.py tests/test_distributed.py -k "cuda or fast" \
+    -q -rs -p no:cacheprovider 2>&1 | tail -30 | tee "$out/cuda_tests.txt"
+# 3. The whole suite, as far as the time allows.
+timeout 230 python -m pytest tests ga_optim -q -rs -p no:cacheprovider 2>&1 \
+    | tail -40 | tee "$out/pytest.txt"
 echo "took $(( $(date +%s) - start )) s" | tee -a "$out/machine.txt"

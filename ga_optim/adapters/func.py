@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator, NonFinitePolicy
+from .._checks import TaskStack
 from .._weightings import Weighting
 
 __all__ = ["FuncAgreement", "reptile_deltas", "stacked_task_vectors"]
@@ -129,7 +130,9 @@ class FuncAgreement:
         """What the last :meth:`step` saw (see :class:`~ga_optim.AgreementDiagnostics`)."""
         return self.aggregator.last_diagnostics
 
-    def _tasks(self, stacked: Stacked | None, what: str) -> list[list[Tensor]] | None:
+    def _tasks(self, stacked: Stacked | None, what: str) -> TaskStack | None:
+        """The dict as a :class:`~ga_optim.TaskStack` (no unbinding: the aggregator's
+        kernels then do not depend on N)."""
         if stacked is None:
             return None
         if not isinstance(stacked, Mapping):
@@ -137,7 +140,8 @@ class FuncAgreement:
                 f"`{what}` should be a dict {{name: [N, *shape]}} (as torch.func returns). "
                 f"Found `{type(stacked).__name__}`."
             )
-        return stacked_task_vectors(stacked, self.names, allow_empty=self.aggregator.distributed)
+        _check_names(stacked, self.names, self.aggregator.distributed)
+        return TaskStack([stacked[name] for name in self.names])
 
     def aggregate(
         self, task_vectors: Stacked, *, agreement_vectors: Stacked | None = None

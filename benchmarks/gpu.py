@@ -1,0 +1,219 @@
+"""The GPU path: meta-steps and aggregation on a GPU, against an unweighted reference.
+
+For the few-shot example's own meta-step (``meta_step`` in
+``examples/fewshot_classification.py``: Finn et al.'s conv-4, paper settings, random
+images, ``vmap`` + ``FuncAgreement``), per setting and interleaved round by round:
+
+* *reference*: the same meta-step whose outer step is a plain ``mean(0)`` of the stacked
+  vectors written to ``.grad`` and the same optimizer step (no ga_optim at all);
+* *Mean* and *Agreement*: ``FuncAgreement(..., weighting=Mean() | Agreement())``;
+* *aggregation alone*: ``FuncAgreement.step`` on stacked vectors already computed, for
+  Mean and Agreement (and the reference's own mean-and-write).
+
+Then, at N = 32 and P = 1e7 (fp32): Agreement and Mean aggregation of a stacked
+``[N, P]`` tensor and of per-task lists (4 tensors), against the *two-pass floor* — two
+reads of the N × P entries at the device-to-device copy bandwidth measured here (which
+is one copy of the ``[N, P]`` tensor: it reads and writes N × P entries).
+
+Times are medians over rounds (``torch.cuda.synchronize`` around each timed call, each
+round runs every variant ``--inner`` times), after a warm-up. Targets (issue 11, H100):
+aggregation at Omniglot scale ≤ 0.5 ms for either weighting; the Agreement meta-step
+within 5 % of the reference and Mean within 2 %, in both forms; Agreement at N = 32,
+P = 1e7 within 2× of the two-pass floor.
+
+    python benchmarks/gpu.py            # on a machine with a GPU (≈ 2 minutes on an H100)
+    python benchmarks/gpu.py --quick    # small settings, seconds (also runs on the CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from fewshot_classification import Config, build_model, meta_step
+
+from ga_optim import Agreement, GradientAgreementAggregator, Mean, TaskStack
+from ga_optim.adapters.func import FuncAgreement, reptile_deltas
+
+SETTINGS = [
+    ("Omniglot 5-way 1-shot MAML", "omniglot", "maml", 5, (1, 28, 28)),
+    ("Omniglot 20-way 1-shot MAML", "omniglot", "maml", 20, (1, 28, 28)),
+    ("Omniglot 5-way 1-shot Reptile", "omniglot", "reptile", 5, (1, 28, 28)),
+    ("miniImageNet 5-way 1-shot MAML", "miniimagenet", "maml", 5, (3, 84, 84)),
+]
+
+
+class PlainMean:
+    """The unweighted reference: ``mean(0)`` of the stacked vectors into ``.grad``, step."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.named = list(model.named_parameters())
+        self.optimizer = optimizer
+
+    def step(self, task_vectors: dict[str, torch.Tensor], **_: Any) -> torch.Tensor:
+        for name, param in self.named:
+            param.grad = task_vectors[name].mean(0)
+        self.optimizer.step()
+        return task_vectors[self.named[0][0]].new_ones(())
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(
+    runs: dict[str, Callable[[], object]], rounds: int, inner: int, device: str
+) -> dict[str, float]:
+    """Median ms per call of each run, interleaved round by round, after a warm-up."""
+    for run in runs.values():
+        run()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                run()
+            sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3 / inner)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def episodes(cfg: Config, shape: tuple[int, int, int], device: str) -> tuple[torch.Tensor, ...]:
+    n, ways, shots, queries = cfg.meta_batch, cfg.ways, cfg.shots, cfg.train_queries
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randn(n, ways * shots, *shape, generator=gen)
+    xq = torch.randn(n, ways * queries, *shape, generator=gen)
+    ys = torch.arange(ways).repeat_interleave(shots).expand(n, -1).contiguous()
+    yq = torch.arange(ways).repeat_interleave(queries).expand(n, -1).contiguous()
+    return tuple(t.to(device) for t in (xs, ys, xq, yq))
+
+
+def meta_steps(
+    name: str, dataset: str, algorithm: str, ways: int, shape: tuple[int, int, int], args: Any
+) -> dict[str, Any]:
+    overrides: dict[str, Any] = {"ways": ways, "shots": 1, "device": args.device}
+    if args.quick:
+        overrides.update(meta_batch=4, hidden=16)
+    cfg = Config.for_run(dataset, algorithm, **overrides)
+    batch = episodes(cfg, shape, args.device)
+    variants: dict[str, Any] = {}
+    models: dict[str, torch.nn.Module] = {}
+    for variant in ("reference", "mean", "agreement"):
+        model = build_model(cfg, shape, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        models[variant] = model
+        if variant == "reference":
+            variants[variant] = PlainMean(model, opt)
+        else:
+            weighting = Mean() if variant == "mean" else Agreement()
+            variants[variant] = FuncAgreement(model, opt, weighting=weighting)
+    runs = {
+        v: (lambda v=v: meta_step(models[v], variants[v], cfg, batch))  # type: ignore[misc]
+        for v in variants
+    }
+    steps = interleaved(runs, args.rounds, args.inner, args.device)
+
+    # Aggregation alone, on the stacked vectors of one meta-step.
+    model = models["agreement"]
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(1)
+    stacked = {
+        k: (torch.randn(cfg.meta_batch, *p.shape, generator=gen) + 0.1).to(args.device)
+        for k, p in params.items()
+    }
+    adapted = {k: params[k] - 0.01 * stacked[k] for k in params}
+    deltas = reptile_deltas(params, adapted) if algorithm != "reptile" else None
+    alone = {
+        "reference": lambda: variants["reference"].step(stacked),
+        "mean": lambda: variants["mean"].step(stacked, agreement_vectors=deltas),
+        "agreement": lambda: variants["agreement"].step(stacked, agreement_vectors=deltas),
+    }
+    aggregation = interleaved(alone, args.rounds, args.inner, args.device)
+    p_total = sum(p.numel() for p in params.values())
+    return {"name": name, "N": cfg.meta_batch, "P": p_total, "steps": steps, "alone": aggregation}
+
+
+def large(args: Any) -> dict[str, float]:
+    n, p = (32, 10_000_000) if not args.quick else (8, 100_000)
+    device = args.device
+    gen = torch.Generator(device=device).manual_seed(2)
+    flat = torch.randn(n, p, device=device, generator=gen) + 0.1
+    copy = torch.empty_like(flat)
+    sizes = [p // 2, 3 * p // 10, 3 * p // 20, p - p // 2 - 3 * p // 10 - 3 * p // 20]
+    lists = [list(torch.split(row, sizes)) for row in flat.clone()]
+    params = [torch.zeros(s, device=device, requires_grad=True) for s in sizes]
+    flat_params = [torch.zeros(p, device=device, requires_grad=True)]
+    stacked_agree = GradientAgreementAggregator(flat_params)
+    stacked_mean = GradientAgreementAggregator(flat_params, weighting=Mean())
+    list_agree = GradientAgreementAggregator(params)
+    list_mean = GradientAgreementAggregator(params, weighting=Mean())
+    stack = TaskStack([flat])
+    runs = {
+        "copy": lambda: copy.copy_(flat),
+        "stacked mean": lambda: stacked_mean.step(stack),
+        "stacked agreement": lambda: stacked_agree.step(stack),
+        "list mean": lambda: list_mean.step(lists),
+        "list agreement": lambda: list_agree.step(lists),
+    }
+    out = interleaved(runs, args.rounds, 1, device)
+    out["N"], out["P"] = n, p
+    out["bandwidth_GBs"] = 2 * flat.numel() * 4 / (out["copy"] * 1e-3) / 1e9
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--inner", type=int, default=5)
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.inner = 2, 1
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"# {name}, torch {torch.__version__}; medians of {args.rounds} interleaved rounds")
+    print(
+        "| setting | N | P | reference step ms | Mean step ms | Agreement step ms | "
+        "Mean / ref | Agreement / ref | aggregation ref / Mean / Agreement ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    settings = SETTINGS[:1] + SETTINGS[2:3] if args.quick else SETTINGS
+    for setting in settings:
+        r = meta_steps(*setting, args)
+        s, a = r["steps"], r["alone"]
+        print(
+            f"| {r['name']} | {r['N']} | {r['P']} | {s['reference']:.2f} | {s['mean']:.2f} | "
+            f"{s['agreement']:.2f} | {s['mean'] / s['reference']:.3f} | "
+            f"{s['agreement'] / s['reference']:.3f} | "
+            f"{a['reference']:.3f} / {a['mean']:.3f} / {a['agreement']:.3f} |",
+            flush=True,
+        )
+    big = large(args)
+    print(
+        f"\nN = {big['N']}, P = {big['P']:.0e}: copy {big['copy']:.3f} ms "
+        f"({big['bandwidth_GBs']:.0f} GB/s read + write) = the two-pass floor"
+    )
+    print("| input | Mean ms | Agreement ms | Agreement / floor | Agreement / Mean |")
+    print("|---|---|---|---|---|")
+    for kind in ("stacked", "list"):
+        mean, agree = big[f"{kind} mean"], big[f"{kind} agreement"]
+        print(
+            f"| {kind} | {mean:.3f} | {agree:.3f} | {agree / big['copy']:.2f} | "
+            f"{agree / mean:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -21,9 +21,9 @@ from ._checks import (
 )
 from ._collective import code_dtype, dtype_code, make_collective
 from ._kernels import (
-    count_non_finite,
     default_foreach,
     dots_with,
+    finiteness_probe,
     materialize,
     task_sum,
     weighted_sum,
@@ -428,16 +428,18 @@ class GradientAgreementAggregator:
         unread = None
         if self.weighting.needs == "count" and measured is not batch:
             if self.non_finite == "raise":
-                # Mean does not read these values: count their non-finite entries on the
-                # device, carried by the update's all-reduce.
-                unread = count_non_finite(measured, wire[0].dtype if wire else dtype)
-                wire.append(unread)
+                # Mean does not read these values: a device probe that is finite exactly
+                # when they are, carried by the update's all-reduce.
+                unread = finiteness_probe(measured, wire[0].dtype if wire else dtype)
+                wire.append(unread.reshape(1))
         collective.sum_(wire)
         result = self._cast(combined, batch)
-        magnitudes = torch.stack(torch._foreach_norm(result, math.inf))
+        # ‖x‖ per tensor: finite exactly when the update is (barring an overflow of the
+        # squares, which only sends the call down the careful path).
+        magnitudes = torch.stack(torch._foreach_norm(result, 2))
         checks.append(torch.isfinite(magnitudes).all())
         if unread is not None:
-            checks.append(unread == 0)
+            checks.append(torch.isfinite(unread).all())
         if not bool(torch.stack(checks).all()):  # the one value read back to the host
             return None
         cosines = (
@@ -553,7 +555,7 @@ class GradientAgreementAggregator:
             result, weights, diagnostics = self._aggregate(task_vectors, agreement_vectors, gramian)
         previous = [param.grad for param in self.params]
         with torch.no_grad():
-            grads = [update.detach().to(param.dtype) for param, update in zip(self.params, result)]
+            grads = [update.to(param.dtype) for param, update in zip(self.params, result)]
             if accumulate:
                 grads = [g if p.grad is None else p.grad + g for p, g in zip(self.params, grads)]
         for param, grad in zip(self.params, grads):

@@ -23,7 +23,6 @@ are exact to float32 precision.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -39,9 +38,9 @@ __all__ = [
     "PACK_ELEMENTS",
     "SMALL_NUMEL",
     "accumulation_dtype",
-    "count_non_finite",
     "default_foreach",
     "dots_with",
+    "finiteness_probe",
     "gramian",
     "materialize",
     "task_sum",
@@ -122,12 +121,20 @@ def _list_plan(batch: TaskBatch, foreach: bool) -> _Plan:
 
 
 def _stacked_plan(batch: TaskBatch) -> _Plan:
-    """Stacked input: every parameter is already an ``[N, numel]`` matrix. A large one is
-    a pack of its own (a view, no copy); small ones are concatenated into packs. Every
-    kernel then runs per pack, whatever N is."""
+    """Stacked input: every parameter is already an ``[N, numel]`` matrix. On an
+    accelerator, where each kernel launch costs more than copying a small batch, a batch
+    of at most :data:`PACK_CACHE_ELEMENTS` entries in one dtype and device is one pack
+    (one copy, kept for the call: each pass is then a single kernel). Otherwise a large
+    parameter is a pack of its own (a view, no copy) and small ones are concatenated into
+    packs. Every kernel runs per pack, whatever N is."""
     present = [p for p, dtype in enumerate(batch.dtypes) if dtype is not None]
-    packs, large = _small_packs(batch, present)
     firsts: list[int | None] = [0 if p in present else None for p in range(batch.num_params)]
+    kinds = {(batch.dtypes[p], batch.devices[p]) for p in present}
+    entries = batch.num_tasks * sum(_numels(batch)[p] for p in present)
+    on_accelerator = all(device is not None and device.type != "cpu" for _, device in kinds)
+    if on_accelerator and len(kinds) == 1 and len(present) > 1 and entries <= PACK_CACHE_ELEMENTS:
+        return _Plan(packs=[present], singles=[], firsts=firsts)
+    packs, large = _small_packs(batch, present)
     return _Plan(packs=[[p] for p in large] + packs, singles=[], firsts=firsts)
 
 
@@ -342,21 +349,24 @@ def task_sum(
     return materialize(batch, weighted_sum(batch, coeffs, foreach=foreach, acc_dtype=dtype), dtype)
 
 
-def count_non_finite(batch: TaskBatch, dtype: torch.dtype) -> Tensor:
-    """How many entries of ``batch`` are NaN or ±Inf, as a 0-d tensor in ``dtype`` on the
-    batch's device: one reduction per parameter (stacked) or a few multi-tensor kernels
-    (lists), and nothing read back to the host."""
+def finiteness_probe(batch: TaskBatch, dtype: torch.dtype) -> Tensor:
+    """A 0-d tensor in ``dtype`` on the batch's device that is finite exactly when every
+    entry of ``batch`` is: the sum of each pack's (or tensor's) Euclidean norm. NaN and Inf
+    propagate; squares above the dtype's range (|x| > ~1e19 in float32) overflow too, a
+    false alarm that only costs the careful path. One multi-tensor reduction, no mask,
+    nothing read back to the host. (The 2-norm: on CPU ``_foreach_norm`` computes it
+    several times faster than the 1- or ∞-norm.)"""
     device = next(d for d in batch.devices if d is not None)
     if batch.stacked is not None:
-        parts = [(~torch.isfinite(c)).sum() for c in batch.stacked if c.numel()]
+        tensors = [
+            _packed(batch, pack, cast(torch.dtype, batch.dtypes[pack[0]]))
+            for pack in _plan(batch, True).packs
+        ]
     else:
         tensors = [t for task in batch.tasks for t in task if t is not None and t.numel()]
-        # max |x| is NaN or Inf exactly when x holds a NaN or an Inf
-        norms = list(torch._foreach_norm(tensors, math.inf)) if tensors else []
-        parts = [(~torch.isfinite(torch.stack(norms))).sum()] if norms else []
-    if not parts:
+    if not tensors:
         return torch.zeros((), dtype=dtype, device=device)
-    return torch.stack(parts).sum().to(dtype)
+    return torch.stack([n.to(dtype) for n in torch._foreach_norm(tensors, 2)]).sum()
 
 
 def gramian(batch: TaskBatch, dtype: torch.dtype | None = None, gather: Any = None) -> Tensor:

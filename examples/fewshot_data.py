@@ -16,8 +16,9 @@ Nothing here downloads. Three sources:
       ROOT/mini-imagenet-cache-{train,validation,test}.pkl
 
   each a dict ``{"image_data": uint8 [n, 84, 84, 3], "class_dict": {name: [indices]}}``
-  (64 / 16 / 20 classes of 600 images). Pickles run code when loaded: load only files
-  you trust.
+  (64 / 16 / 20 classes of 600 images). A pickle can run any code it names, so these
+  are read by a restricted unpickler that admits only numpy arrays and dtypes, dicts,
+  lists, strings and numbers, and refuses anything else, naming the file, before it runs.
 * scikit-learn's handwritten digits (8×8, 16 grey levels, shipped inside scikit-learn):
   classes 0–4 for meta-training, 5–9 for meta-testing.
 
@@ -196,6 +197,32 @@ def _read_character(folder: Path, image_size: int) -> Tensor:
 
 # -- miniImageNet --------------------------------------------------------------------------
 
+#: What a miniImageNet pickle may name: numpy's array and dtype reconstructors (numpy 1 and
+#: 2 spell the module differently). Dicts, lists, strings and numbers need no name.
+_PICKLE_ALLOWED = {
+    (module, name)
+    for prefix in ("numpy.core", "numpy._core")
+    for module, name in (
+        (f"{prefix}.multiarray", "_reconstruct"),
+        (f"{prefix}.multiarray", "scalar"),
+        (f"{prefix}.numeric", "_frombuffer"),
+    )
+} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _SplitUnpickler(pickle.Unpickler):
+    """Unpickles only what the split format holds (numpy arrays and dtypes, dicts, lists,
+    strings, numbers): any other global in the file (a function to call, a class to
+    build) is refused before it runs."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which a miniImageNet split never holds; "
+                "refusing to load it (a pickle can run any code it names)"
+            )
+        return super().find_class(module, name)
+
 
 def load_mini_imagenet(root: str | Path, split: str) -> FewShotSplit:
     """The classes of ``ROOT/mini-imagenet-cache-{split}.pkl`` (see the module docstring).
@@ -212,7 +239,7 @@ def load_mini_imagenet(root: str | Path, split: str) -> FewShotSplit:
         )
     try:
         with path.open("rb") as handle:
-            data = pickle.load(handle)
+            data = _SplitUnpickler(handle).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as error:
         raise ValueError(f"miniImageNet: {path} is not a readable pickle: {error}") from error
     if not isinstance(data, dict) or not {"image_data", "class_dict"} <= set(data):

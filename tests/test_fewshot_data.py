@@ -224,3 +224,35 @@ def test_episode_errors_name_the_problem() -> None:
         data.sample_episodes(_labelled_split([5, 5, 5]), 1, 4, 1, 1, gen)
     with pytest.raises(ValueError, match=r"class 1 has 3 images; .* shots \+ queries = 4"):
         data.sample_episodes(_labelled_split([5, 3]), 1, 2, 1, 3, gen)
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: it would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_hostile_pickle_is_refused_without_running(tmp_path: Path) -> None:
+    make_mini_imagenet(tmp_path)
+    marker = tmp_path / "ran.txt"
+    hostile = {
+        "image_data": np.zeros((2, 84, 84, 3), np.uint8),
+        "class_dict": {"a": [0, 1]},
+        "extra": _Payload(marker),
+    }
+    path = tmp_path / "mini-imagenet-cache-test.pkl"
+    path.write_bytes(pickle.dumps(hostile))
+    with pytest.raises(
+        ValueError,
+        match=r"mini-imagenet-cache-test\.pkl is not a readable pickle: it names (builtins|io)\.open",
+    ):
+        data.load_mini_imagenet(tmp_path, "test")
+    assert not marker.exists(), "the payload ran"
+    # The same file without the payload loads (the refusal is about the payload alone).
+    del hostile["extra"]
+    path.write_bytes(pickle.dumps(hostile))
+    assert data.load_mini_imagenet(tmp_path, "test").num_classes == 1

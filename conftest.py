@@ -11,6 +11,10 @@ import os
 
 collect_ignore: list[str] = []
 if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
-    for module, path in (("learn2learn", "learn2learn.py"), ("higher", "higher.py")):
+    for module, path in (
+        ("learn2learn", "adapters/learn2learn.py"),
+        ("higher", "adapters/higher.py"),
+        ("torchjd", "_interop.py"),  # its doctest uses torchjd
+    ):
         if importlib.util.find_spec(module) is None:
-            collect_ignore.append(f"ga_optim/adapters/{path}")
+            collect_ignore.append(f"ga_optim/{path}")

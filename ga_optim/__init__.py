@@ -6,6 +6,7 @@ private.
 
 from ._aggregator import AgreementDiagnostics, GradientAgreementAggregator
 from ._checks import NonFiniteError, TaskStack
+from ._interop import from_torchjd, to_torchjd
 from ._weightings import (
     Agreement,
     CosineAgreement,
@@ -31,4 +32,6 @@ __all__ = [
     "Weighting",
     "__version__",
     "agreement_weights",
+    "from_torchjd",
+    "to_torchjd",
 ]

@@ -19,7 +19,8 @@ pip_q() {
 }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$PY" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: \
+# --no-binary learn2learn (not :all:): the sdist only; its build dependencies come as wheels.
+"$PY" -m pip download --disable-pip-version-check -q --no-deps --no-binary learn2learn \
     "learn2learn==0.2.0" -d "$work" 2>&1 | { grep -v -E "Location '.*' is ignored" || true; }
 tar xzf "$work"/learn2learn-0.2.0.tar.gz -C "$work"
 src="$work/learn2learn-0.2.0"

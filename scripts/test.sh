@@ -3,7 +3,11 @@
 # `.ci/run` calls this. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$SECONDS
+trap 'echo "== $(basename "$0"): $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"' EXIT
+echo "== installing into .venv (scripts/setup.sh)"
 bash scripts/setup.sh
+echo "== setup done after $(( SECONDS - start )) s; now lint, types and the test suite"
 .venv/bin/ruff check ga_optim tests benchmarks examples docs
 .venv/bin/ruff format --check ga_optim tests benchmarks examples docs
 .venv/bin/mypy

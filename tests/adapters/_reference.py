@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -39,9 +41,10 @@ def maml_reference(
     inner_steps: int,
     outer_lr: float,
     first_order: bool,
-    weights: str = "agreement",
+    weights: str | Callable[[list[list[Tensor]]], Tensor] = "agreement",
 ) -> tuple[list[Tensor], Tensor]:
-    """θ after one SGD outer step of Algorithm 1 (lines 7–9), and the weights used."""
+    """θ after one SGD outer step of Algorithm 1 (lines 7–9), and the weights used:
+    ``"agreement"``, ``"mean"``, or a function of the deltas θ − θ_i."""
     names = [n for n, _ in model.named_parameters()]
     theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
     meta_grads, deltas = [], []
@@ -58,11 +61,12 @@ def maml_reference(
         meta_grads.append([g.detach() for g in torch.autograd.grad(query, theta)])
         deltas.append([(t - f).detach() for t, f in zip(theta, fast)])
     n = len(tasks)
-    w = (
-        reference_agreement_weights(deltas)
-        if weights == "agreement"
-        else torch.full((n,), 1 / n, dtype=torch.float64)
-    )
+    if callable(weights):
+        w = weights(deltas)
+    elif weights == "agreement":
+        w = reference_agreement_weights(deltas)
+    else:
+        w = torch.full((n,), 1 / n, dtype=torch.float64)
     new = [
         t.detach() - outer_lr * sum(wi * g[k] for wi, g in zip(w, meta_grads))
         for k, t in enumerate(theta)

@@ -246,10 +246,12 @@ def _tolerance(task_vectors: Any, weights: Tensor, slack: float = 64.0) -> float
     """``slack · N · eps · κ`` with the larger of the batch's κ and its directions' κ: a
     scale-free weighting (``CosineAgreement``) is conditioned by the unit vectors."""
     matrix = _unit_scaled(task_vectors)
-    norms = matrix.norm(dim=1, keepdim=True)
-    directions = torch.where(
-        norms > 0, matrix / norms.clamp_min(torch.finfo(torch.float64).tiny), 0
-    )
+    # Each row by its own largest magnitude first: a tiny task beside a large one (1e-200
+    # against 1e-3) would otherwise square to 0 and look like a zero direction.
+    largest = matrix.abs().amax(dim=1, keepdim=True)
+    rows = torch.where(largest > 0, matrix / largest.clamp_min(torch.finfo(torch.float64).tiny), 0)
+    norms = rows.norm(dim=1, keepdim=True)
+    directions = torch.where(norms > 0, rows / norms.clamp_min(torch.finfo(torch.float64).tiny), 0)
     kappa = max(_kappa(matrix), _kappa(directions))
     return slack * weights.numel() * _eps(weights) * min(kappa, 1e300)
 

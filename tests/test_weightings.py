@@ -124,6 +124,7 @@ def _unit_rows(batch: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
 @given(task_batches(scales=(1e-3, 1.0, 1e3)))
 @example([[torch.tensor([1e-3, 0.0], dtype=torch.float64)], [torch.tensor([-1e-3, 1.1025e-12], dtype=torch.float64)]])  # fmt: skip
 @example([[torch.tensor([1e-3, 0.0], dtype=torch.float64)], [torch.tensor([-2.5e-4, 3.9063e-06], dtype=torch.float64)]])  # fmt: skip
+@example([[torch.tensor(2.4841e-206, dtype=torch.float64), torch.tensor(-4.1733e-201, dtype=torch.float64)], [torch.tensor(0.0, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64)]])  # fmt: skip
 def test_cosine_matches_normalized_reference(batch: list[list[torch.Tensor]]) -> None:
     weights = CosineAgreement().weights(batch)
     unit_rows = _unit_rows(batch)

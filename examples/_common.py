@@ -13,7 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ga_optim import Agreement, CosineAgreement, Mean, NonNegativeAgreement, Weighting
+from ga_optim import (
+    Agreement,
+    CosineAgreement,
+    Mean,
+    NonFiniteError,
+    NonNegativeAgreement,
+    Weighting,
+    from_torchjd,
+)
 
 __all__ = [
     "WEIGHTINGS",
@@ -26,14 +34,30 @@ __all__ = [
     "run_jobs",
 ]
 
+
+def _torchjd(name: str) -> Callable[[], Weighting]:
+    """A TorchJD Gramian weighting by name, made when asked (torchjd is an extra)."""
+
+    def make() -> Weighting:
+        from torchjd import aggregation
+
+        return from_torchjd(getattr(aggregation, name)())
+
+    return make
+
+
 #: The weightings the examples compare. ``agreement_meta`` is the paper's Eq. 13 measured
-#: on MAML's meta-gradients instead of the inner-loop deltas (MAML only).
-WEIGHTINGS: dict[str, type[Weighting]] = {
+#: on MAML's meta-gradients instead of the inner-loop deltas (MAML only); ``upgrad``,
+#: ``mgda`` and ``dualproj`` are TorchJD's (``pip install 'ga-optim[torchjd]'``).
+WEIGHTINGS: dict[str, Callable[[], Weighting]] = {
     "mean": Mean,
     "agreement": Agreement,
     "agreement_meta": Agreement,
     "nonnegative": NonNegativeAgreement,
     "cosine": CosineAgreement,
+    "upgrad": _torchjd("UPGradWeighting"),
+    "mgda": _torchjd("MGDAWeighting"),
+    "dualproj": _torchjd("DualProjWeighting"),
 }
 
 
@@ -100,9 +124,7 @@ def meta_train(
     for iteration in range(iterations):
         try:
             weights = step()
-        except ValueError as error:
-            if "should be finite" not in str(error):
-                raise
+        except NonFiniteError:
             history["diverged_at"] = iteration
             break
         schedule.step()

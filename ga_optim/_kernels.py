@@ -221,13 +221,16 @@ def weighted_sum(
         for p, tensor in zip(pack, _unpack(batch, pack, weights @ matrix)):
             out[p] = tensor
 
+    host = not isinstance(coeffs, Tensor)  # floats already on the host: the alpha path
+    floats = list(coeffs) if host else []
     for p in plan.singles:
         f = plan.firsts[p]
         assert f is not None
         first = batch.tasks[f][p]
         assert first is not None
         dtype = acc_dtype or accumulation_dtype(first.dtype)
-        out[p] = first.to(dtype) * cast_to(dtype, first.device)[f]
+        scale = floats[f] if host else cast_to(dtype, first.device)[f]
+        out[p] = first.to(dtype) * scale
 
     numels = _numels(batch)
     lists = [p for p in plan.singles if foreach and numels[p] <= LARGE_NUMEL]
@@ -239,6 +242,13 @@ def weighted_sum(
                 for p in lists
                 if i > plan.firsts[p] and batch.tasks[i][p] is not None  # type: ignore[operator]
             ]
+            if host and index:
+                torch._foreach_add_(
+                    [cast(Tensor, out[p]) for p in index],
+                    [cast(Tensor, batch.tasks[i][p]) for p in index],
+                    alpha=floats[i],
+                )
+                continue
             for (dtype, device), members in _by_dtype(out, index).items():
                 # A device scalar times a list, then added: no value read back to the host.
                 scaled = torch._foreach_mul(
@@ -249,11 +259,14 @@ def weighted_sum(
     for p in loops:
         total = out[p]
         assert total is not None
-        c = cast_to(total.dtype, total.device)
         for i in range(plan.firsts[p] + 1, batch.num_tasks):  # type: ignore[operator]
             vector = batch.tasks[i][p]
-            if vector is not None:
-                total.addcmul_(vector, c[i])
+            if vector is None:
+                continue
+            if host:
+                total.add_(vector, alpha=floats[i])
+            else:
+                total.addcmul_(vector, cast_to(total.dtype, total.device)[i])
 
     if out_dtype:
         out = [
@@ -343,10 +356,29 @@ def task_sum(
     batch: TaskBatch, dtype: torch.dtype, scale: float = 1.0, *, foreach: bool
 ) -> list[Tensor | None]:
     """``scale · Σ_i g_i`` for every parameter, in ``dtype`` (``None`` where no task, on any
-    rank, has the parameter)."""
-    device = next(d for d in batch.devices if d is not None)
-    coeffs = torch.full((batch.num_tasks,), scale, dtype=dtype, device=device)
-    return materialize(batch, weighted_sum(batch, coeffs, foreach=foreach, acc_dtype=dtype), dtype)
+    rank, has the parameter): a column sum per pack, and the foreach / per-tensor sums of
+    the other parameters, with ``scale`` a host float (nothing is read back)."""
+    plan = _plan(batch, foreach)
+    out: list[Tensor | None] = [None] * batch.num_params
+    for pack in plan.packs:
+        matrix = _packed(batch, pack, dtype)
+        if scale != 1.0:
+            matrix = matrix * scale
+        for p, column in zip(pack, _unpack(batch, pack, matrix.sum(dim=0))):
+            out[p] = column
+    if plan.singles:
+        singles = TaskBatch(
+            tasks=[[task[p] for p in plan.singles] for task in batch.tasks],
+            name=batch.name,
+            shapes=[batch.shapes[p] for p in plan.singles],
+            dtypes=[batch.dtypes[p] for p in plan.singles],
+            devices=[batch.devices[p] for p in plan.singles],
+        )
+        coeffs = [scale] * batch.num_tasks
+        summed = weighted_sum(singles, coeffs, foreach=foreach, acc_dtype=dtype, packing=False)
+        for p, total in zip(plan.singles, summed):
+            out[p] = total
+    return materialize(batch, out, dtype)
 
 
 def finiteness_probe(batch: TaskBatch, dtype: torch.dtype) -> Tensor:

@@ -205,7 +205,9 @@ class Mean(Weighting):
     r"""Uniform weights :math:`w_i = 1/N`: plain batched Reptile and MAML.
 
     The baseline behind the same interface as :class:`Agreement`, so a loop switches
-    gradient agreement on and off with one argument.
+    gradient agreement on and off with one argument. It reads no value of the vectors
+    (``needs = "count"``); in a process group it costs one all-reduce of the update (P
+    floats), as DDP does, beside the small validation exchange.
 
     Example:
         >>> import torch

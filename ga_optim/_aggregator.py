@@ -413,6 +413,7 @@ class GradientAgreementAggregator:
             sums = task_sum(measured, dtype, foreach=foreach)
             collective.sum_([s for s in sums if s is not None])
             local = dots_with(measured, sums, dtype, foreach=foreach)
+            del sums  # P floats: not alive beside the update (peak memory: output + one)
             scores = collective.gather(local, measured.all_counts)
             info = torch.finfo(dtype)
             largest = scores.abs().amax()  # NaN and Inf fail the comparison too

@@ -1,4 +1,5 @@
-"""Without learn2learn or higher: ga_optim imports, and each adapter says how to install."""
+"""Without learn2learn, higher or torchjd: ga_optim imports, and each optional piece says
+how to install what it needs."""
 
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ def _run(code: str, blocked: set[str]) -> subprocess.CompletedProcess[str]:
 def test_ga_optim_imports_without_optional_libraries() -> None:
     result = _run(
         "import ga_optim, ga_optim.adapters, ga_optim.adapters.func, ga_optim.adapters.reptile\n"
-        "import sys; assert 'learn2learn' not in sys.modules and 'higher' not in sys.modules\n"
+        "import sys\n"
+        "assert not {'learn2learn', 'higher', 'torchjd'} & set(sys.modules)\n"
         "print(ga_optim.__version__)",
-        {"learn2learn", "higher"},
+        {"learn2learn", "higher", "torchjd"},
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0.1.0"
@@ -52,3 +54,10 @@ def test_adapter_without_its_library_names_the_install_command(
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError:") and command in last
+
+
+def test_to_torchjd_without_torchjd_names_the_install_command() -> None:
+    result = _run("import ga_optim\nga_optim.to_torchjd(ga_optim.Agreement())", {"torchjd"})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError:") and "pip install 'ga-optim[torchjd]'" in last

@@ -250,12 +250,14 @@ def weighted_sum(
                 )
                 continue
             for (dtype, device), members in _by_dtype(out, index).items():
-                # A device scalar times a list, then added: no value read back to the host.
-                scaled = torch._foreach_mul(
-                    [cast(Tensor, batch.tasks[i][p]).to(dtype) for p in members],
-                    cast_to(dtype, device)[i],
+                # out += task · c_i with c_i a device scalar (broadcast): no value read back
+                # to the host and no temporary the size of the task.
+                c = cast_to(dtype, device)[i]
+                torch._foreach_addcmul_(
+                    [cast(Tensor, out[p]) for p in members],
+                    [cast(Tensor, batch.tasks[i][p]) for p in members],
+                    [c] * len(members),
                 )
-                torch._foreach_add_([cast(Tensor, out[p]) for p in members], scaled)
     for p in loops:
         total = out[p]
         assert total is not None

@@ -1,4 +1,30 @@
-"""The math of gradient agreement: task weights from task vectors or from their Gramian."""
+"""The math of gradient agreement: task weights from task vectors or from their Gramian.
+
+The numerics policy, for every weighting and both paths (vectors and Gramian):
+
+* **Accumulation.** Sums and dot products run in at least float32: fp16/bf16 vectors are
+  accumulated in float32, float32 in float32, float64 in float64
+  (:func:`~ga_optim._kernels.accumulation_dtype`); weights come back in that dtype. A
+  Gramian built from vectors (the ``needs = "gramian"`` fallback) is float64.
+* **Overflow and underflow of the scores.** Scores ``r_i = g_i·Σ g_j`` that are not
+  finite, or whose largest magnitude is below ``tiny/eps`` of their dtype (where subnormal
+  products lose digits), are recomputed in float64 on the vectors scaled by the power of
+  two that brings their largest entry into ``[0.5, 1)``: exact, so sums that cancel
+  exactly still do, and the weights are unchanged. Normalisation divides by ``Σ|r|`` after
+  scaling the scores by a power of two (:func:`to_unit_range`), so it cannot overflow.
+* **Zero denominators.** All scores zero (all-zero vectors, or a zero mean update) give
+  uniform ``1/N``; :class:`~ga_optim.NonNegativeAgreement` gives uniform weights when no
+  score is positive; :class:`~ga_optim.CosineAgreement` gives uniform weights when
+  ``‖Σ ĝ‖² = Σ r̂ ≤ 4·N²·eps`` (the same rule on both paths).
+* **Non-finite input** raises :class:`~ga_optim.NonFiniteError` naming the task and
+  parameter (``non_finite="propagate"`` lets it through to ``.grad`` instead). On the fast
+  path the check is one device flag over what was read and produced; the slow scan that
+  names the culprit runs only when the flag is down.
+* **What floating point determines.** Weights are determined to about ``κ·N·eps``, with
+  ``κ = (Σ‖g_i‖)² / Σ|g_i·Σ g_j|`` counting the cancellation in the task sum
+  (:func:`ga_optim.testing.condition_number`); the two paths agree to that, which is what
+  the property tests check.
+"""
 
 from __future__ import annotations
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import example, given
+from hypothesis import strategies as st
 
 from ga_optim import Agreement, CosineAgreement, Mean, NonNegativeAgreement, Weighting
 from ga_optim.testing import (
@@ -173,3 +176,87 @@ def test_cosine_golden_and_zero_vector() -> None:
     # A zero task is a zero direction: weight 0 (unit vectors (1,0),(1,0) give 1/2 each).
     g0 = torch.tensor([[2.0, 0.0], [0.0, 0.0], [5.0, 0.0]], dtype=torch.float64)
     assert CosineAgreement().weights(g0).tolist() == pytest.approx([0.5, 0.0, 0.5])
+
+
+@st.composite
+def nearly_cancelling(draw: st.DrawFn) -> list[list[torch.Tensor]]:
+    """A task g, its near-opposite −(1 + δ)·g (δ from 1e-12 to 1e-2), and 0–3 others
+    small beside them: Σ g_j nearly cancels, the case where the two paths part ways."""
+    side = draw(st.integers(1, 4))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    g = torch.randn(side, generator=gen, dtype=torch.float64) + 0.1
+    delta = 10.0 ** draw(st.floats(-12, -2))
+    others = draw(st.integers(0, 3))
+    noise = 10.0 ** draw(st.floats(-8, -2))
+    tasks = [[g], [-(1 + delta) * g]]
+    tasks += [
+        [noise * torch.randn(side, generator=gen, dtype=torch.float64)] for _ in range(others)
+    ]
+    return tasks
+
+
+def _directions(batch: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    return _unit_rows(batch)
+
+
+@pytest.mark.parametrize(
+    "weighting",
+    [Mean(), Agreement(), NonNegativeAgreement(), CosineAgreement(), SoftmaxAgreement()],
+    ids=["mean", "agreement", "nonnegative", "cosine", "custom-gramian"],
+)
+@given(st.one_of(task_batches(scales=(1e-3, 1.0, 1e3)), nearly_cancelling()))
+def test_vector_and_gramian_paths_agree(
+    weighting: Weighting, batch: list[list[torch.Tensor]]
+) -> None:
+    """Every weighting gives the same weights from the vectors and from their Gramian, to
+    what floating point determines: κ·N·eps, with κ counting the cancellation in Σ g_j
+    (and, for the scale-free cosine, in Σ ĝ_j). Where κ leaves nothing determined, both
+    are still normalised."""
+    largest = max(float(t.abs().max()) for task in batch for t in task) or 1.0
+    # The built-in weightings are scale-free: compare with the Gramian of the vectors at
+    # unit magnitude, which cannot underflow. A Gramian-only weighting need not be: its
+    # contract is from_gramian of the vectors' own float64 Gramian.
+    unit = (
+        batch if weighting.needs == "gramian" else [[t / largest for t in task] for task in batch]
+    )
+    from_vectors = weighting.weights(batch)
+    from_gramian = weighting.weights(gramian=reference_gramian(unit))
+    n = len(batch)
+    kappa = condition_number(batch)
+    if isinstance(weighting, CosineAgreement):
+        kappa = max(kappa, condition_number(_directions(batch)))
+        unit_sum = torch.stack(
+            [torch.cat([t.reshape(-1) for t in task]) for task in _directions(batch)]
+        ).sum(0)
+        if float(unit_sum.norm()) ** 2 < 1e3 * 4 * n * n * torch.finfo(torch.float64).eps:
+            kappa = math.inf  # within reach of the shared cancellation threshold
+        gram = reference_gramian(unit)
+        nonzero = torch.tensor([any(bool(t.any()) for t in task) for task in batch])
+        if not bool((gram.diagonal()[nonzero] > 1e-290).all()):
+            kappa = math.inf  # a tiny task's direction is lost in any float64 Gramian
+    tol = 64 * n * torch.finfo(torch.float64).eps * kappa
+    if tol < 0.1:
+        torch.testing.assert_close(from_vectors, from_gramian, atol=max(tol, 1e-12), rtol=0)
+    for weights in (from_vectors, from_gramian):
+        assert torch.isfinite(weights).all()
+        total = weights.abs().sum() if isinstance(weighting, Agreement) else weights.sum()
+        assert abs(float(total) - 1.0) < 1e-9, weights
+
+
+def test_cosine_paths_share_the_cancellation_threshold() -> None:
+    """Three directions that cancel to ~5e-9 (‖Σĝ‖² ≈ 2.5e-17, below 4·N²·eps): both paths
+    give uniform weights. (The vector path used to compare ‖Σĝ‖ with that bound instead,
+    and gave signed weights here.) Clear of it (‖Σĝ‖ ≈ 5e-4) both give the same signed
+    weights."""
+    s = math.sqrt(3) / 2
+    for e, uniform in ((1e-8, True), (1e-3, False)):
+        g = torch.tensor([[1.0, 0.0], [-0.5, s], [-0.5, -s + e]], dtype=torch.float64)
+        from_vectors = CosineAgreement().weights(g)
+        from_gramian = CosineAgreement().weights(gramian=g @ g.T)
+        if uniform:
+            expected = torch.full((3,), 1 / 3, dtype=torch.float64)
+            torch.testing.assert_close(from_vectors, expected, rtol=0, atol=0)
+            torch.testing.assert_close(from_gramian, expected, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(from_vectors, from_gramian, rtol=0, atol=1e-9)
+            assert float(from_vectors[0]) < -0.49 and float(from_vectors[1]) > 0.49

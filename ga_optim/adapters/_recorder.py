@@ -8,15 +8,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator, NonFinitePolicy
+from .._aggregator import GradientAgreementAggregator, NonFinitePolicy
 from .._weightings import Weighting
+from ._wraps import WrapsAggregator
 
 __all__ = ["MetaGradientRecorder"]
 
 AgreementOn = Literal["deltas", "meta_gradients"]
 
 
-class MetaGradientRecorder:
+class MetaGradientRecorder(WrapsAggregator):
     """Keeps each task's meta-gradient and inner-loop delta apart, then applies Algorithm 1.
 
     The base of the MAML-style adapters (learn2learn, higher), which add a ``backward``
@@ -72,15 +73,6 @@ class MetaGradientRecorder:
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         return self.aggregator.optimizer
-
-    @property
-    def last_weights(self) -> Tensor | None:
-        return self.aggregator.last_weights
-
-    @property
-    def last_diagnostics(self) -> AgreementDiagnostics | None:
-        """What the last :meth:`step` saw (see :class:`~ga_optim.AgreementDiagnostics`)."""
-        return self.aggregator.last_diagnostics
 
     @property
     def num_recorded(self) -> int:

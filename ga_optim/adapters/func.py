@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator, NonFinitePolicy
+from .._aggregator import GradientAgreementAggregator, NonFinitePolicy
 from .._checks import TaskStack
 from .._weightings import Weighting
+from ._wraps import WrapsAggregator
 
 __all__ = ["FuncAgreement", "reptile_deltas", "stacked_task_vectors"]
 
@@ -75,7 +76,7 @@ def reptile_deltas(params: Mapping[str, Tensor], adapted: Stacked) -> dict[str, 
     return deltas
 
 
-class FuncAgreement:
+class FuncAgreement(WrapsAggregator):
     """:class:`~ga_optim.GradientAgreementAggregator` for dicts of stacked task vectors.
 
     Args:
@@ -120,15 +121,6 @@ class FuncAgreement:
             non_finite=non_finite,
             process_group=process_group,
         )
-
-    @property
-    def last_weights(self) -> Tensor | None:
-        return self.aggregator.last_weights
-
-    @property
-    def last_diagnostics(self) -> AgreementDiagnostics | None:
-        """What the last :meth:`step` saw (see :class:`~ga_optim.AgreementDiagnostics`)."""
-        return self.aggregator.last_diagnostics
 
     def _tasks(self, stacked: Stacked | None, what: str) -> TaskStack | None:
         """The dict as a :class:`~ga_optim.TaskStack` (no unbinding: the aggregator's

@@ -8,13 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator, NonFinitePolicy
+from .._aggregator import GradientAgreementAggregator, NonFinitePolicy
 from .._weightings import Weighting
+from ._wraps import WrapsAggregator
 
 __all__ = ["AgreementReptile"]
 
 
-class AgreementReptile:
+class AgreementReptile(WrapsAggregator):
     r"""Batched Reptile whose outer step weights the tasks by gradient agreement.
 
     Algorithm 1, line 10, of Eshratifar, Eigen & Pedram (2018):
@@ -75,15 +76,6 @@ class AgreementReptile:
             process_group=process_group,
         )
         self.deltas: list[list[Tensor]] = []
-
-    @property
-    def last_weights(self) -> Tensor | None:
-        return self.aggregator.last_weights
-
-    @property
-    def last_diagnostics(self) -> AgreementDiagnostics | None:
-        """What the last :meth:`step` saw (see :class:`~ga_optim.AgreementDiagnostics`)."""
-        return self.aggregator.last_diagnostics
 
     @property
     def num_recorded(self) -> int:

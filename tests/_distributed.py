@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -33,6 +34,7 @@ def _entry(
     import torch.distributed as dist
 
     out = Path(folder) / f"rank{rank}.pt"
+    code = 0
     try:
         dist.init_process_group(
             "gloo",
@@ -45,10 +47,22 @@ def _entry(
         torch.save({"ok": result}, out)
     except BaseException:
         torch.save({"error": traceback.format_exc()}, out)
-        raise
+        code = 1
     finally:
         if dist.is_initialized():
+            # Every rank done with every collective before any tears its connections down
+            # (a rank leaving early can abort a peer's gloo threads). A dead peer makes
+            # the barrier fail at once; that is fine here.
+            try:
+                dist.barrier()
+            except Exception:
+                pass
             dist.destroy_process_group()
+    # Leave without the interpreter's teardown, where gloo's threads have been seen to
+    # abort the process (std::terminate) after the result was written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_ranks(

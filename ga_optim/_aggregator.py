@@ -21,15 +21,14 @@ from ._checks import (
 )
 from ._collective import code_dtype, dtype_code, make_collective
 from ._kernels import (
+    accumulation_dtype,
     default_foreach,
-    dots_with,
     finiteness_probe,
     materialize,
-    task_sum,
     weighted_sum,
 )
 from ._weightings import Agreement, Weighting, weights_of_batch
-from ._weights import task_cosines, uniform_weights
+from ._weights import exchanged_scores, task_cosines, uniform_weights
 
 __all__ = ["AgreementDiagnostics", "GradientAgreementAggregator", "NonFinitePolicy"]
 
@@ -409,12 +408,7 @@ class GradientAgreementAggregator:
         if self.weighting.needs == "count":
             scores = torch.zeros_like(uniform)
         else:
-            foreach = self._foreach(measured)
-            sums = task_sum(measured, dtype, foreach=foreach)
-            collective.sum_([s for s in sums if s is not None])
-            local = dots_with(measured, sums, dtype, foreach=foreach)
-            del sums  # P floats: not alive beside the update (peak memory: output + one)
-            scores = collective.gather(local, measured.all_counts)
+            scores = exchanged_scores(measured, 1.0, dtype, self._foreach(measured), collective)
             info = torch.finfo(dtype)
             largest = scores.abs().amax()  # NaN and Inf fail the comparison too
             checks.append(largest >= info.tiny / info.eps)  # not all zero, no underflow
@@ -423,18 +417,13 @@ class GradientAgreementAggregator:
             return None  # the careful path names the weighting
         weights = weights.to(dtype)
         checks.append(torch.isfinite(weights).all())
-        mine = weights[batch.first_task : batch.first_task + batch.num_tasks]
-        combined = materialize(batch, weighted_sum(batch, mine, foreach=self._foreach(batch)))
-        wire = [t for t in combined if t is not None]
         unread = None
         if self.weighting.needs == "count" and measured is not batch:
             if self.non_finite == "raise":
                 # Mean does not read these values: a device probe that is finite exactly
                 # when they are, carried by the update's all-reduce.
-                unread = finiteness_probe(measured, wire[0].dtype if wire else dtype)
-                wire.append(unread.reshape(1))
-        collective.sum_(wire)
-        result = self._cast(combined, batch)
+                unread = finiteness_probe(measured, self._update_dtype(batch, dtype))
+        result = self._combine(batch, weights, [] if unread is None else [unread.reshape(1)])
         # ‖x‖ per tensor: finite exactly when the update is (barring an overflow of the
         # squares, which only sends the call down the careful path).
         magnitudes = torch.stack(torch._foreach_norm(result, 2))
@@ -450,8 +439,13 @@ class GradientAgreementAggregator:
         )
         return result, weights, AgreementDiagnostics(weights, cosines, collective.bytes_sent)
 
-    def _cast(self, combined: list[Tensor | None], batch: TaskBatch) -> list[Tensor]:
-        """The update in the vectors' dtype; zeros for a parameter no task has."""
+    def _combine(self, batch: TaskBatch, weights: Tensor, extra: list[Tensor]) -> list[Tensor]:
+        """Σ_i w_i v_i over every rank's tasks (this rank's share, all-reduced with the
+        ``extra`` tensors riding along), in the vectors' dtype; zeros for a parameter no
+        task has."""
+        mine = weights[batch.first_task : batch.first_task + batch.num_tasks]
+        combined = materialize(batch, weighted_sum(batch, mine, foreach=self._foreach(batch)))
+        self._collective.sum_([t for t in combined if t is not None] + extra)
         return [
             torch.zeros_like(param)
             if vector is None
@@ -460,6 +454,12 @@ class GradientAgreementAggregator:
             else vector
             for vector, param, dtype in zip(combined, self.params, batch.global_dtypes)
         ]
+
+    @staticmethod
+    def _update_dtype(batch: TaskBatch, fallback: torch.dtype) -> torch.dtype:
+        """The dtype the update is accumulated (and all-reduced) in."""
+        present = [d for d in batch.global_dtypes if d is not None]
+        return accumulation_dtype(present[0]) if present else fallback
 
     def _careful(
         self, batch: TaskBatch, measured: TaskBatch, gramian: Tensor | None
@@ -471,11 +471,7 @@ class GradientAgreementAggregator:
             # Mean never reads these values; check them, so NaN is not let through silently.
             collective.raise_together(lambda: locate_non_finite(measured))
         weights = self._weights_of(measured, gramian)
-        foreach = self._foreach(batch)
-        mine = weights[batch.first_task : batch.first_task + batch.num_tasks]
-        combined = materialize(batch, weighted_sum(batch, mine, foreach=foreach))
-        collective.sum_([t for t in combined if t is not None])
-        result = self._cast(combined, batch)
+        result = self._combine(batch, weights, [])
         magnitudes = torch.stack(torch._foreach_norm(result, math.inf))
         finite = bool(torch.isfinite(magnitudes).all())
         if not finite and self.non_finite == "raise":
@@ -493,7 +489,7 @@ class GradientAgreementAggregator:
         cosines = None
         if self.track_cosines:
             cosines = (
-                task_cosines(measured, foreach=foreach, collective=collective)
+                task_cosines(measured, foreach=self._foreach(measured), collective=collective)
                 if finite
                 else torch.full_like(weights, math.nan, dtype=torch.float64)
             )

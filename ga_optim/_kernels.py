@@ -311,9 +311,7 @@ def dots_with(
     plan = _plan(batch, foreach)
     device = next(d for d in batch.devices if d is not None)
     scores = torch.zeros(batch.num_tasks, dtype=dtype, device=device)
-    for pack in plan.packs:
-        if any(others[p] is None for p in pack):
-            continue  # never the case: a parameter some task has has a sum
+    for pack in plan.packs:  # every packed parameter has a sum (see ``materialize``)
         matrix = _packed(batch, pack, dtype)
         if scale != 1.0:
             matrix = matrix * scale

@@ -40,6 +40,7 @@ from ._kernels import accumulation_dtype, default_foreach, dots_with, materializ
 __all__ = [
     "agreement_scores",
     "cosine_agreement_scores",
+    "exchanged_scores",
     "signed_normalize",
     "task_cosines",
     "to_unit_range",
@@ -106,7 +107,7 @@ def agreement_scores(
     and is the same everywhere.
     """
     dtype, _ = _batch_dtype_device(batch)
-    scores = _scores(batch, 1.0, dtype, foreach, collective)
+    scores = exchanged_scores(batch, 1.0, dtype, foreach, collective)
     finite = bool(torch.isfinite(scores).all())
     info = torch.finfo(dtype)
     # Below tiny/eps the dots may have lost precision to subnormal products: rescale.
@@ -118,10 +119,10 @@ def agreement_scores(
     scale = _unit_scale(batch, collective)
     if scale == 0.0:
         return torch.zeros_like(scores)
-    return _scores(batch, scale, torch.float64, foreach, collective).to(dtype)
+    return exchanged_scores(batch, scale, torch.float64, foreach, collective).to(dtype)
 
 
-def _scores(
+def exchanged_scores(
     batch: TaskBatch,
     scale: float,
     dtype: torch.dtype,
@@ -129,7 +130,9 @@ def _scores(
     collective: Collective,
 ) -> Tensor:
     """``scale² · g_i·Σ_j g_j`` accumulated in ``dtype``, for every rank's tasks: the two
-    passes of Eq. (13), with the task sum all-reduced between them."""
+    passes of Eq. (13), with the task sum all-reduced between them and the scores
+    gathered. No check and no value read back (the callers decide what to check); the
+    task sum is freed on return, before any update is built."""
     use_foreach = default_foreach(batch) if foreach is None else foreach
     sums = task_sum(batch, dtype, scale, foreach=use_foreach)
     collective.sum_([s for s in sums if s is not None])
@@ -266,7 +269,7 @@ def task_cosines(
     scale = _unit_scale(batch, collective)
     if scale == 0.0:
         return torch.zeros(batch.total_tasks, dtype=torch.float64, device=device)
-    scores = _scores(batch, scale, torch.float64, foreach, collective)
+    scores = exchanged_scores(batch, scale, torch.float64, foreach, collective)
     norms = collective.gather(_task_norms(batch, scale), batch.all_counts)
     denominator = norms * scores.sum().clamp(min=0).sqrt()
     safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))

@@ -23,9 +23,9 @@ are exact to float32 precision.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -401,7 +401,11 @@ def finiteness_probe(batch: TaskBatch, dtype: torch.dtype) -> Tensor:
     return torch.stack([n.to(dtype) for n in torch._foreach_norm(tensors, 2)]).sum()
 
 
-def gramian(batch: TaskBatch, dtype: torch.dtype | None = None, gather: Any = None) -> Tensor:
+def gramian(
+    batch: TaskBatch,
+    dtype: torch.dtype | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """The full Gramian ``G_ij = g_i · g_j`` (O(N²·P)): the fallback for custom weightings.
 
     ``gather`` (a function ``[n_local, k] -> [N, k]``, from a collective) brings every

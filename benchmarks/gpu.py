@@ -1,7 +1,7 @@
 """The GPU path: meta-steps and aggregation on a GPU, against an unweighted reference.
 
 For the few-shot example's own meta-step (``meta_step`` in
-``examples/fewshot_classification.py``: Finn et al.'s conv-4, paper settings, random
+``examples/paper/fewshot_classification.py``: Finn et al.'s conv-4, paper settings, random
 images, ``vmap`` + ``FuncAgreement``), per setting and interleaved round by round:
 
 * *reference*: the same meta-step whose outer step is a plain ``mean(0)`` of the stacked
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "paper"))
 
 from fewshot_classification import Config, build_model, meta_step
 

@@ -8,4 +8,4 @@ trap 'echo "== $(basename "$0"): $(( (SECONDS - start) / 60 )) min $(( (SECONDS 
 echo "== installing into .venv (scripts/setup.sh)"
 bash scripts/setup.sh
 echo "== setup done after $(( SECONDS - start )) s; now the main job (sine regression: Reptile, mean vs agreement, 3 seeds)"
-.venv/bin/python examples/sine_regression.py --out results/sine "$@"
+.venv/bin/python examples/paper/sine_regression.py --out results/sine "$@"

@@ -196,6 +196,8 @@ def test_digits_quick_run_writes_its_table_and_results(tmp_path: Path) -> None:
     )
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"] == json.loads(json.dumps(results["results"]))
+    figure = (tmp_path / "figure.png").read_bytes()  # the plotting code ran
+    assert figure.startswith(b"\x89PNG\r\n\x1a\n") and len(figure) > 1000
     table = (tmp_path / "table.md").read_text()
     keys = {"maml 1-shot", "maml 5-shot", "reptile 1-shot", "reptile 5-shot"}
     assert set(saved["results"]) == keys == set(saved["configs"])

@@ -27,6 +27,9 @@ def test_sine_quick_run_writes_its_table_and_results(tmp_path: Path) -> None:
         torch.set_num_threads(threads)
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     table = (tmp_path / "table.md").read_text()
+    for name in ("figure1_reptile", "figure1_maml", "weights_reptile", "weights_maml"):
+        figure = (tmp_path / f"{name}.png").read_bytes()  # the plotting code ran
+        assert figure.startswith(b"\x89PNG\r\n\x1a\n") and len(figure) > 1000, name
     assert set(results) == {"reptile", "maml", "amplitude_bins"}
     assert "agreement_meta" not in results["reptile"]  # MAML only
     bins = results.pop("amplitude_bins")

@@ -4,7 +4,7 @@ A (algorithm, weighting, seed) found in two files must have the same numbers in 
 runs are deterministic (one thread, seeded), so this doubles as a reproducibility check.
 Refuses files whose configurations differ. Writes OUT/table.md and OUT/results.json.
 
-    PYTHONPATH=examples python docs/results/merge_sine.py OUT a/results.json b/results.json
+    PYTHONPATH=examples/paper python docs/results/merge_sine.py OUT a/results.json b/results.json
 """
 
 from __future__ import annotations

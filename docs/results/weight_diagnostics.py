@@ -1,7 +1,7 @@
 """What the agreement weights do to Reptile's outer step on sine tasks (docs/RESULTS.md).
 
 Meta-trains θ with plain Reptile (the Mean weighting, the protocol of
-examples/sine_regression.py), then, at θ before and after training, draws meta-batches of
+examples/paper/sine_regression.py), then, at θ before and after training, draws meta-batches of
 10 tasks and compares, for each weighting, the weights and the outer step Σ w_i g_i with
 the Mean step (1/N) Σ g_i:
 
@@ -11,7 +11,7 @@ the Mean step (1/N) Σ g_i:
 * share of negative weights;
 * ‖Σ w_i g_i‖ / ‖(1/N) Σ g_i‖: how much longer the step is than Mean's at the same lr.
 
-    PYTHONPATH=examples .venv/bin/python docs/results/weight_diagnostics.py [iterations]
+    PYTHONPATH=examples/paper .venv/bin/python docs/results/weight_diagnostics.py [iterations]
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ Outer learning rates decay linearly to 0. Evaluation: ``eval_episodes`` episodes
 the test classes and a fixed seed; fine-tune on the support set for ``eval_steps`` SGD
 steps; accuracy on the query set; mean ± 95 % CI over episodes per seed, and over seeds.
 
-    python examples/fewshot_classification.py --out results/digits          # offline run
-    python examples/fewshot_classification.py --quick --out /tmp/digits      # for CI
-    python examples/fewshot_classification.py --dataset omniglot --data-root DATA \\
+    python examples/paper/fewshot_classification.py --out results/digits          # offline run
+    python examples/paper/fewshot_classification.py --quick --out /tmp/digits      # for CI
+    python examples/paper/fewshot_classification.py --dataset omniglot --data-root DATA \\
         --ways 5 --shots 1 --algorithms maml --weightings mean agreement      # your data
 """
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -326,6 +327,51 @@ def table(summary: dict[str, Any], cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict[str, dict[str, Any]], title: str, path: Path, dpi: int = 110) -> bool:
+    """Accuracy ± 95 % CI per configuration and weighting, and the share of negative
+    weights over training (mean over seeds); ``results`` as in ``results.json``. False
+    (and no file) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figure")
+        return False
+    keys = list(results)
+    weightings = list(dict.fromkeys(w for k in keys for w in results[k]))
+    fig, (bars, negative) = plt.subplots(1, 2, figsize=(11, 3.6))
+    width = 0.8 / len(weightings)
+    for j, weighting in enumerate(weightings):
+        xs = [i + (j - (len(weightings) - 1) / 2) * width for i in range(len(keys))]
+        entries = [results[k].get(weighting) for k in keys]
+        heights = [100 * e["accuracy"] if e else 0.0 for e in entries]
+        errors = [100 * e["ci95_over_seeds"] if e else 0.0 for e in entries]
+        bars.bar(xs, heights, width, yerr=errors, capsize=3, label=weighting)
+    bars.set_xticks(range(len(keys)), keys)
+    low = min(100 * e["accuracy"] for k in keys for e in results[k].values())
+    bars.set_ylim(max(0.0, low - 10), 100)
+    bars.set_ylabel("accuracy on the test classes (%)")
+    bars.legend(fontsize=7)
+    bars.set_title(f"{title}: mean ± 95 % CI over seeds")
+    for key in keys:
+        for weighting, entry in results[key].items():
+            if weighting == "mean":
+                continue
+            histories = entry["weight_history"]
+            share = [statistics.fmean(h) for h in zip(*(h["negative_share"] for h in histories))]
+            negative.plot(histories[0]["iteration"], share, label=f"{key}, {weighting}")
+    negative.set_xlabel("meta-iteration")
+    negative.set_ylabel("share of negative weights")
+    negative.set_title("negative task weights (mean over seeds)")
+    negative.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description="Few-shot classification with and without gradient agreement."
@@ -398,6 +444,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": summary,
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    figure = args.out / "figure.png"
+    title = f"{args.ways}-way {args.dataset}"
+    if plot(summary, title, figure, dpi=50 if args.quick else 110):
+        print(f"wrote {figure}")
     return results
 
 

@@ -26,9 +26,9 @@ Evaluation: 1000 unseen tasks from a fixed seed (the same for every run); fine-t
 K = 10 points with SGD (lr 0.02) for 5 and 32 steps; MSE on 100 evenly spaced points over
 [-5, 5]; mean ± 95 % CI over tasks per seed, and over seeds.
 
-    python examples/sine_regression.py --out results/sine             # the default run
-    python examples/sine_regression.py --quick --out /tmp/sine        # seconds, for CI
-    python examples/sine_regression.py --algorithms reptile maml fomaml \\
+    python examples/paper/sine_regression.py --out results/sine             # the default run
+    python examples/paper/sine_regression.py --quick --out /tmp/sine        # seconds, for CI
+    python examples/paper/sine_regression.py --algorithms reptile maml fomaml \\
         --weightings mean agreement nonnegative cosine agreement_meta --seeds 0 1 2 3 4
 """
 
@@ -328,15 +328,19 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict[str, Any]], cfgs: dict[str, Config], out: Path) -> list[Path]:
+def plot(
+    runs: list[dict[str, Any]], cfgs: dict[str, Config], out: Path, dpi: int = 110
+) -> list[Path]:
     """Figure 1 of the paper (one unseen task: the initialisation before training and
-    after each weighting, each with its fine-tuned fit) and the weights over training."""
+    after each weighting, each with its fine-tuned fit) and the weights over training;
+    none without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed: no figures")
         return []
     written = []
     first_seed = min(run["seed"] for run in runs)
@@ -362,7 +366,7 @@ def plot(runs: list[dict[str, Any]], cfgs: dict[str, Config], out: Path) -> list
         axes[0].legend(fontsize=7)
         fig.tight_layout()
         path = out / f"figure1_{algorithm}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=dpi)
         plt.close(fig)
         written.append(path)
 
@@ -380,7 +384,7 @@ def plot(runs: list[dict[str, Any]], cfgs: dict[str, Config], out: Path) -> list
         ax.legend(fontsize=6)
         fig.tight_layout()
         path = out / f"weights_{algorithm}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=dpi)
         plt.close(fig)
         written.append(path)
     return written
@@ -438,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args.out / "table.md").write_text(text + "\n")
     results = {"wall_seconds": time.perf_counter() - started, "results": summary}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    figures = [] if args.quick else plot(runs, cfgs, args.out)
+    figures = plot(runs, cfgs, args.out, dpi=50 if args.quick else 110)
     for path in figures:
         print(f"wrote {path}")
     return results

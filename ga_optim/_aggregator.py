@@ -356,6 +356,7 @@ class GradientAgreementAggregator:
             measured,
             foreach=self._foreach(measured),
             collective=self._collective,
+            check_unread=self.non_finite == "raise",
         )
 
     def weights(self, task_vectors: object = None, *, gramian: Tensor | None = None) -> Tensor:
@@ -374,8 +375,6 @@ class GradientAgreementAggregator:
         self._collective.reset_bytes()
         with torch.no_grad():
             _, measured = self._prepare(task_vectors, None, None)
-            if self.weighting.needs == "count" and self.non_finite == "raise":
-                self._collective.raise_together(lambda: locate_non_finite(measured))
             return self._weights_of(measured, None)
 
     def _aggregate(
@@ -467,9 +466,6 @@ class GradientAgreementAggregator:
         """Step by step, with a check after each: raises naming the rank, task and
         parameter of a non-finite value; rescales scores that over- or underflow."""
         collective = self._collective
-        if self.weighting.needs == "count" and measured is not batch and self.non_finite == "raise":
-            # Mean never reads these values; check them, so NaN is not let through silently.
-            collective.raise_together(lambda: locate_non_finite(measured))
         weights = self._weights_of(measured, gramian)
         result = self._combine(batch, weights, [])
         magnitudes = torch.stack(torch._foreach_norm(result, math.inf))

@@ -112,10 +112,7 @@ class Weighting:
             raise TypeError("Pass exactly one of `task_vectors` and `gramian`.")
         if gramian is not None:
             return self.from_gramian(check_gramian(gramian))
-        batch = as_task_batch(task_vectors)
-        if self.needs == "count":
-            locate_non_finite(batch)  # the weights do not read the values: check them here
-        return weights_of_batch(self, batch, foreach=foreach)
+        return weights_of_batch(self, as_task_batch(task_vectors), foreach=foreach)
 
     __call__ = weights
 
@@ -168,13 +165,22 @@ def weights_of_batch(
     *,
     foreach: bool | None = None,
     collective: Collective = _LOCAL,
+    check_unread: bool = True,
 ) -> Tensor:
     """The weights ``[N]`` of a validated batch (every rank's tasks, in a process group):
-    computes what ``weighting.needs`` and hands it over. Raises (on every rank) naming the
-    task and parameter if a value the weights read is not finite."""
+    computes what ``weighting.needs`` and hands it over.
+
+    The one place where the values a weighting reads are checked: raises
+    :class:`~ga_optim.NonFiniteError` (on every rank) naming the task and parameter if one
+    is not finite. A weighting that reads no value (``needs = "count"``) gets its batch
+    scanned all the same, so NaN is never let through unseen, unless ``check_unread`` is
+    false (``non_finite="propagate"``).
+    """
     dtype = uniform_weights(batch).dtype
     find: Callable[[], None] = lambda: locate_non_finite(batch)  # noqa: E731
     if weighting.needs == "count":
+        if check_unread:
+            collective.raise_together(find)
         statistic = torch.zeros(batch.total_tasks, dtype=dtype, device=_device(batch))
         return weighting.from_scores(statistic).to(dtype)
     if weighting.needs == "scores":

@@ -251,6 +251,8 @@ class GradientAgreementAggregator:
     ) -> tuple[TaskBatch, TaskBatch]:
         """Validate this rank's input; in a process group, agree with every rank (one small
         all-reduce) so that bad input anywhere raises everywhere, before any arithmetic."""
+        if not self.distributed:
+            return self._local(task_vectors, agreement_vectors, gramian)
         error: Exception | None = None
         signature: list[int] = [0] * (2 + 2 * len(self.params))
         try:
@@ -264,8 +266,6 @@ class GradientAgreementAggregator:
         except (TypeError, ValueError) as found:
             error = found
         rows = self._collective.agree(error, signature)
-        if not self.distributed:
-            return batch, measured
         return self._merge(rows, batch, measured)
 
     def _merge(

@@ -23,6 +23,7 @@ are exact to float32 precision.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -43,6 +44,7 @@ __all__ = [
     "finiteness_probe",
     "gramian",
     "materialize",
+    "promote",
     "task_sum",
     "weighted_sum",
 ]
@@ -59,9 +61,16 @@ PACK_CACHE_ELEMENTS = 1 << 22
 LARGE_NUMEL = 1 << 20
 
 
+@functools.cache
+def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types``, remembered: a step asks it per parameter, and each call
+    would otherwise be an operator dispatch."""
+    return torch.promote_types(a, b)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half types, the dtype itself for float32/float64."""
-    return torch.promote_types(dtype, torch.float32)
+    return promote(dtype, torch.float32)
 
 
 def default_foreach(batch: TaskBatch) -> bool:
@@ -95,16 +104,19 @@ def _small_packs(batch: TaskBatch, params: list[int]) -> tuple[list[list[int]], 
     n = batch.num_tasks
     numels = _numels(batch)
     groups: dict[tuple[torch.dtype | None, torch.device | None], list[list[int]]] = {}
+    used: dict[tuple[torch.dtype | None, torch.device | None], int] = {}  # in the last pack
     others = []
     for p in params:
         if numels[p] > SMALL_NUMEL or n * numels[p] > PACK_ELEMENTS:
             others.append(p)
             continue
-        group = groups.setdefault((batch.dtypes[p], batch.devices[p]), [[]])
-        used = sum(numels[q] for q in group[-1])
-        if n * (used + numels[p]) > PACK_ELEMENTS:
+        kind = (batch.dtypes[p], batch.devices[p])
+        group = groups.setdefault(kind, [[]])
+        if n * (used.get(kind, 0) + numels[p]) > PACK_ELEMENTS:
             group.append([])
+            used[kind] = 0
         group[-1].append(p)
+        used[kind] = used.get(kind, 0) + numels[p]
     return [pack for group in groups.values() for pack in group], others
 
 
@@ -130,7 +142,8 @@ def _stacked_plan(batch: TaskBatch) -> _Plan:
     present = [p for p, dtype in enumerate(batch.dtypes) if dtype is not None]
     firsts: list[int | None] = [0 if p in present else None for p in range(batch.num_params)]
     kinds = {(batch.dtypes[p], batch.devices[p]) for p in present}
-    entries = batch.num_tasks * sum(_numels(batch)[p] for p in present)
+    numels = _numels(batch)
+    entries = batch.num_tasks * sum(numels[p] for p in present)
     on_accelerator = all(device is not None and device.type != "cpu" for _, device in kinds)
     if on_accelerator and len(kinds) == 1 and len(present) > 1 and entries <= PACK_CACHE_ELEMENTS:
         return _Plan(packs=[present], singles=[], firsts=firsts)
@@ -139,7 +152,13 @@ def _stacked_plan(batch: TaskBatch) -> _Plan:
 
 
 def _numels(batch: TaskBatch) -> list[int]:
-    return [0 if shape is None else shape.numel() for shape in batch.shapes]
+    """Each parameter's number of elements (0 where no task has it), once per call."""
+    numels = batch.cache.get("numels")
+    if numels is None:
+        numels = batch.cache["numels"] = [
+            0 if shape is None else shape.numel() for shape in batch.shapes
+        ]
+    return cast(list[int], numels)
 
 
 def _packed(batch: TaskBatch, pack: list[int], dtype: torch.dtype) -> Tensor:
@@ -414,7 +433,7 @@ def gramian(
     acc = dtype or torch.float32
     for d in batch.global_dtypes:
         if d is not None:
-            acc = torch.promote_types(acc, accumulation_dtype(d))
+            acc = promote(acc, accumulation_dtype(d))
     device = next(d for d in batch.devices if d is not None)
     result: Tensor | None = None
     for p in range(batch.num_params):

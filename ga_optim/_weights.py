@@ -35,7 +35,14 @@ from torch import Tensor
 
 from ._checks import TaskBatch, locate_non_finite
 from ._collective import Collective, LocalCollective
-from ._kernels import accumulation_dtype, default_foreach, dots_with, materialize, task_sum
+from ._kernels import (
+    accumulation_dtype,
+    default_foreach,
+    dots_with,
+    materialize,
+    promote,
+    task_sum,
+)
 
 __all__ = [
     "agreement_scores",
@@ -56,7 +63,7 @@ def _batch_dtype_device(batch: TaskBatch) -> tuple[torch.dtype, torch.device]:
     device = torch.device("cpu")
     for p_dtype, p_device in zip(batch.global_dtypes, batch.devices):
         if p_dtype is not None:
-            dtype = torch.promote_types(dtype, accumulation_dtype(p_dtype))
+            dtype = promote(dtype, accumulation_dtype(p_dtype))
         if p_device is not None:
             device = p_device
     return dtype, device

@@ -22,10 +22,13 @@ def _table_rows(script: str) -> list[list[str]]:
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+    lines = result.stdout.splitlines()
     rows = [
-        line.strip("|").split("|") for line in result.stdout.splitlines() if line.startswith("| ")
+        line.strip("|").split("|")
+        for line, following in zip(lines, [*lines[1:], ""])
+        if line.startswith("| ") and not following.startswith("|---")  # not a header
     ]
-    return [[cell.strip() for cell in row] for row in rows[1:]]  # drop the header
+    return [[cell.strip() for cell in row] for row in rows]
 
 
 def test_aggregate_benchmark_quick() -> None:
@@ -65,3 +68,22 @@ def test_distributed_benchmark_quick() -> None:
         # table; Agreement: two P-sized all-reduces, 16 scores, the same table.
         assert mean_bytes == 4 * p + 176
         assert agreement_bytes == 8 * p + 16 * 4 + 176
+
+
+def test_gpu_benchmark_quick() -> None:
+    """Runs wherever it is (the CPU here): every table complete, every time positive."""
+    rows = _table_rows("gpu.py")
+    names = [r[0] for r in rows]
+    assert names == [
+        "Omniglot 5-way 1-shot MAML",
+        "Omniglot 5-way 1-shot Reptile",
+        "stacked",
+        "list",
+        "reptile",
+        "maml",
+    ]
+    for row in rows[:2]:
+        assert all(float(cell) > 0 for cell in row[1:8])
+        assert all(float(t) > 0 for t in row[8].split(" / "))
+    for row in rows[2:]:
+        assert all(math.isfinite(float(cell)) and float(cell) > 0 for cell in row[1:])

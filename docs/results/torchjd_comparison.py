@@ -1,10 +1,12 @@
-"""The TorchJD weightings against Mean on the sine Reptile protocol (docs/RESULTS.md).
+"""The TorchJD weightings against Mean on the sine protocols (docs/RESULTS.md).
 
 Reads the runs' results.json files (same seeds, budget and outer-lr grid as the other
-weightings) and prints three markdown tables: MSE after 5 steps per outer learning rate
-(mean ± 1.96·s/√n over seeds, as elsewhere in docs/RESULTS.md); the paired per-seed
+weightings) and prints markdown tables. Reptile: MSE after 5 steps per outer learning
+rate (mean ± 1.96·s/√n over seeds, as elsewhere in docs/RESULTS.md); the paired per-seed
 differences against Mean at lr 2.0 (the protocol's rate); and each weighting at its best
-rate against Mean at its best (2.5), paired, with Student-t intervals.
+rate against Mean at its best (2.5), paired, with Student-t intervals. MAML and
+first-order MAML (Adam, the protocol's one rate): MSE and the paired differences
+against Mean.
 
     python docs/results/torchjd_comparison.py
 """
@@ -20,12 +22,14 @@ HERE = Path(__file__).resolve().parent
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
 
 
-def per_seed(folder: str, weighting: str, steps: str = "5") -> dict[int, float]:
+def per_seed(
+    folder: str, weighting: str, steps: str = "5", algorithm: str = "reptile"
+) -> dict[int, float]:
     """{seed: MSE} of one weighting in one run folder (empty if the folder lacks it)."""
     path = HERE / folder / "results.json"
     if not path.exists():
         return {}
-    entry = json.loads(path.read_text())["results"]["reptile"].get(weighting)
+    entry = json.loads(path.read_text())["results"].get(algorithm, {}).get(weighting)
     if not entry:
         return {}
     return dict(zip(entry["seeds"], entry["per_seed_mse"][steps]))
@@ -119,6 +123,44 @@ def best_against_best() -> None:
             )
 
 
+MAML_RUNS = ["sine-full", "sine-torchjd-maml"]
+
+
+def maml_tables() -> None:
+    """MAML and first-order MAML: each weighting's MSE, and paired against Mean."""
+    for algorithm in ("maml", "fomaml"):
+        print()
+        print(
+            f"| {algorithm} | seeds | MSE, 5 steps | MSE, 32 steps | Δ vs Mean, 5 steps | "
+            "better | Δ vs Mean, 32 steps |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for weighting in WEIGHTINGS:
+            found: dict[str, dict[int, float]] = {}
+            base: dict[str, dict[int, float]] = {}
+            for steps in ("5", "32"):
+                found[steps], base[steps] = {}, {}
+                for folder in MAML_RUNS:
+                    found[steps].update(per_seed(folder, weighting, steps, algorithm))
+                    base[steps].update(per_seed(folder, "mean", steps, algorithm))
+            if not found["5"]:
+                continue
+            seeds = sorted(set(found["5"]) & set(base["5"]))
+            d5 = [found["5"][s] - base["5"][s] for s in seeds]
+            d32 = [found["32"][s] - base["32"][s] for s in seeds]
+            paired = (
+                f"{interval(d5, t=True)} | {sum(d < 0 for d in d5)} / {len(seeds)} | "
+                f"{interval(d32, t=True)}"
+                if weighting != "mean"
+                else "— | — | —"
+            )
+            print(
+                f"| {weighting} | {len(found['5'])} | {interval(list(found['5'].values()))} | "
+                f"{interval(list(found['32'].values()))} | {paired} |"
+            )
+
+
 if __name__ == "__main__":
     main()
     best_against_best()
+    maml_tables()

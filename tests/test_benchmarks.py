@@ -87,3 +87,24 @@ def test_gpu_benchmark_quick() -> None:
         assert all(float(t) > 0 for t in row[8].split(" / "))
     for row in rows[2:]:
         assert all(math.isfinite(float(cell)) and float(cell) > 0 for cell in row[1:])
+
+
+def test_with_checkout_imports_ga_optim_from_the_given_checkout(tmp_path: Path) -> None:
+    script = tmp_path / "where.py"
+    script.write_text("import sys, ga_optim\nprint('FROM', ga_optim.__file__, sys.argv[1:])\n")
+    root = BENCHMARKS.parent
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "with_checkout.py"), str(root), str(script), "--x"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    line = next(x for x in done.stdout.splitlines() if x.startswith("FROM"))
+    assert line.split()[1] == str(root / "ga_optim" / "__init__.py")
+    assert line.endswith("['--x']")
+    missing = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "with_checkout.py"), str(tmp_path), str(script)],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode != 0  # no ga_optim there: refused, not silently the installed one

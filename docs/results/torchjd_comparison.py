@@ -160,7 +160,62 @@ def maml_tables() -> None:
             )
 
 
+# All at the same code (the first digits run, docs/results/digits, is from an earlier
+# commit whose rounding differed: its Mean is not the one these runs are paired with).
+DIGITS_RUNS = [
+    "digits-current-mean",
+    "digits-current-agreement",
+    "digits-torchjd",
+    "digits-torchjd-5shot",
+]
+
+
+def digits_accuracy(folder: str, key: str, weighting: str) -> dict[int, float]:
+    """{seed: accuracy in points} of one weighting and configuration of a digits run."""
+    path = HERE / folder / "results.json"
+    if not path.exists():
+        return {}
+    entry = json.loads(path.read_text())["results"].get(key, {}).get(weighting)
+    if not entry:
+        return {}
+    return {s: 100 * a for s, a in zip(entry["seeds"], entry["per_seed_accuracy"])}
+
+
+def points(values: list[float], factor: float, signed: bool = False) -> str:
+    """Mean ± factor·s/√n, in accuracy points (one decimal)."""
+    half = factor * statistics.stdev(values) / math.sqrt(len(values))
+    return f"{statistics.fmean(values):{'+' if signed else ''}.1f} ± {half:.1f}"
+
+
+def digits_table() -> None:
+    """The digits run (5-way): accuracy per weighting, paired with Mean per seed."""
+    print()
+    print("| digits 5-way | weighting | seeds | accuracy (%) | Δ vs Mean (points) | better |")
+    print("|---|---|---|---|---|---|")
+    for key in ("maml 1-shot", "maml 5-shot", "reptile 1-shot", "reptile 5-shot"):
+        base: dict[int, float] = {}
+        for folder in DIGITS_RUNS:
+            base.update(digits_accuracy(folder, key, "mean"))
+        for weighting in WEIGHTINGS:
+            found: dict[int, float] = {}
+            for folder in DIGITS_RUNS:
+                found.update(digits_accuracy(folder, key, weighting))
+            if not found:
+                continue
+            seeds = sorted(set(found) & set(base))
+            diffs = [found[s] - base[s] for s in seeds]
+            paired = (
+                f"{points(diffs, T95[len(diffs)], signed=True)} | "
+                f"{sum(d > 0 for d in diffs)} / {len(seeds)}"
+                if weighting != "mean"
+                else "— | —"
+            )
+            mean_ci = points(list(found.values()), 1.96)
+            print(f"| {key} | {weighting} | {len(found)} | {mean_ci} | {paired} |")
+
+
 if __name__ == "__main__":
     main()
     best_against_best()
     maml_tables()
+    digits_table()

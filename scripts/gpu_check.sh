@@ -15,7 +15,9 @@ start=$(date +%s)
 # 1. The GPU benchmark (benchmarks/gpu.py): meta-steps, aggregation, the two-pass floor.
 timeout 200 python benchmarks/gpu.py 2>&1 | tee "$out/gpu.txt"
 # 2. The CUDA tests: one sync per step, weights per dtype, CUDA step = CPU step, gloo on CUDA.
-timeout 90 python -m pytest tests/test_fast_path.py tests/test_distributed.py -k "cuda or fast" \
+#    And the copyable torch.func example on CUDA (maml_vmap.py --device cuda --quick).
+timeout 120 python -m pytest tests/test_fast_path.py tests/test_distributed.py \
+    tests/test_examples.py -k "cuda or fast" \
     -q -rs -p no:cacheprovider 2>&1 | tail -30 | tee "$out/cuda_tests.txt"
 # 3. The whole suite, as far as the time allows.
 timeout 230 python -m pytest tests ga_optim -q -rs -p no:cacheprovider 2>&1 \

@@ -167,6 +167,7 @@ DIGITS_RUNS = [
     "digits-current-agreement",
     "digits-torchjd",
     "digits-torchjd-5shot",
+    "digits-seeds34",
 ]
 
 

@@ -13,7 +13,7 @@ if "$PY" -c "import learn2learn, learn2learn.data.task_dataset" 2>/dev/null; the
     exit 0
 fi
 pip_q() {
-    "$PY" -m pip install --disable-pip-version-check -q --no-compile "$@" 2>&1 \
+    "$PY" -m pip install --disable-pip-version-check -q "$@" 2>&1 \
         | { grep -v -E "Location '.*' is ignored" || true; }
     return "${PIPESTATUS[0]}"
 }
@@ -31,7 +31,4 @@ done
 # learn2learn's import-time needs (torch and torchvision come from scripts/setup.sh).
 pip_q numpy scipy requests tqdm "gym<0.27"
 pip_q --no-deps --no-build-isolation "$src"
-# Bytecode on every core (pip's --no-compile above; pip would compile file by file).
-"$PY" -m compileall -q -j 0 "$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")" \
-    > /dev/null || true
 "$PY" -c "import learn2learn; print('learn2learn', learn2learn.__version__, 'installed')"

@@ -10,8 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip_install() {
     # pip's notes about the local mirror's missing folders are noise; real errors still fail.
-    # --no-compile: pip compiles bytecode file by file; compileall below uses every core.
-    .venv/bin/python -m pip install --disable-pip-version-check -q --no-compile "$@" 2>&1 \
+    .venv/bin/python -m pip install --disable-pip-version-check -q "$@" 2>&1 \
         | { grep -v -E "Location '.*' is ignored" || true; }
     return "${PIPESTATUS[0]}"
 }
@@ -21,6 +20,3 @@ pip_install -e ".[dev]"
 # The optional libraries the adapters wrap; their tests must run (CI fails without them).
 pip_install "higher==0.2.1"
 bash scripts/install_learn2learn.sh
-# Bytecode for everything installed, on every core (what pip would have done serially).
-site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-.venv/bin/python -m compileall -q -j 0 "$site" > /dev/null || true

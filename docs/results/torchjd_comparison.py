@@ -17,6 +17,7 @@ import json
 import math
 import statistics
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
@@ -26,13 +27,19 @@ def per_seed(
     folder: str, weighting: str, steps: str = "5", algorithm: str = "reptile"
 ) -> dict[int, float]:
     """{seed: MSE} of one weighting in one run folder (empty if the folder lacks it)."""
+    entry = run_entry(folder, algorithm, weighting)
+    return dict(zip(entry["seeds"], entry["per_seed_mse"][steps])) if entry else {}
+
+
+def run_entry(folder: str, key: str, weighting: str) -> dict[str, Any] | None:
+    """One weighting's entry under ``key`` in a run folder's results.json, if there."""
     path = HERE / folder / "results.json"
     if not path.exists():
-        return {}
-    entry = json.loads(path.read_text())["results"].get(algorithm, {}).get(weighting)
-    if not entry:
-        return {}
-    return dict(zip(entry["seeds"], entry["per_seed_mse"][steps]))
+        return None
+    entry: dict[str, Any] | None = (
+        json.loads(path.read_text())["results"].get(key, {}).get(weighting)
+    )
+    return entry or None
 
 
 def interval(values: list[float], t: bool = False) -> str:
@@ -173,10 +180,7 @@ DIGITS_RUNS = [
 
 def digits_accuracy(folder: str, key: str, weighting: str) -> dict[int, float]:
     """{seed: accuracy in points} of one weighting and configuration of a digits run."""
-    path = HERE / folder / "results.json"
-    if not path.exists():
-        return {}
-    entry = json.loads(path.read_text())["results"].get(key, {}).get(weighting)
+    entry = run_entry(folder, key, weighting)
     if not entry:
         return {}
     return {s: 100 * a for s, a in zip(entry["seeds"], entry["per_seed_accuracy"])}

@@ -66,6 +66,18 @@ class PlainMean:
         return task_vectors[self.named[0][0]].new_ones(())
 
 
+VARIANTS = ("reference", "mean", "agreement")
+
+
+def outer_step(variant: str, model: torch.nn.Module) -> PlainMean | FuncAgreement:
+    """One variant's outer step on ``model`` (SGD, lr 1e-4): the unweighted reference, or
+    ``FuncAgreement`` with Mean or Agreement."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    if variant == "reference":
+        return PlainMean(model, opt)
+    return FuncAgreement(model, opt, weighting=Mean() if variant == "mean" else Agreement())
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -108,17 +120,8 @@ def meta_steps(
         overrides.update(meta_batch=4, hidden=16)
     cfg = Config.for_run(dataset, algorithm, **overrides)
     batch = episodes(cfg, shape, args.device)
-    variants: dict[str, Any] = {}
-    models: dict[str, torch.nn.Module] = {}
-    for variant in ("reference", "mean", "agreement"):
-        model = build_model(cfg, shape, seed=0)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-        models[variant] = model
-        if variant == "reference":
-            variants[variant] = PlainMean(model, opt)
-        else:
-            weighting = Mean() if variant == "mean" else Agreement()
-            variants[variant] = FuncAgreement(model, opt, weighting=weighting)
+    models = {variant: build_model(cfg, shape, seed=0) for variant in VARIANTS}
+    variants = {variant: outer_step(variant, models[variant]) for variant in VARIANTS}
     runs = {
         v: (lambda v=v: meta_step(models[v], variants[v], cfg, batch))  # type: ignore[misc]
         for v in variants
@@ -187,14 +190,10 @@ def host_overhead(args: Any) -> dict[str, float]:
     deltas = {k: 0.01 * v for k, v in stacked.items()}
     runs: dict[str, Callable[[], Any]] = {}
     for form, agreement in (("reptile", None), ("maml", deltas)):
-        reference = PlainMean(model, torch.optim.SGD(model.parameters(), lr=1e-4))
-        runs[f"{form} reference"] = lambda r=reference: r.step(stacked)
-        for weighting in (Mean(), Agreement()):
-            agree = FuncAgreement(
-                model, torch.optim.SGD(model.parameters(), lr=1e-4), weighting=weighting
-            )
-            runs[f"{form} {type(weighting).__name__.lower()}"] = lambda a=agree, v=agreement: (
-                a.step(stacked, agreement_vectors=v)
+        for variant in VARIANTS:
+            step = outer_step(variant, model)
+            runs[f"{form} {variant}"] = lambda s=step, a=agreement: s.step(
+                stacked, agreement_vectors=a
             )
     return interleaved(runs, args.rounds, 20, device)
 

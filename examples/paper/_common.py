@@ -140,6 +140,20 @@ def meta_train(
     return history
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or ``None`` (with a note) when
+    matplotlib is not installed: the figures are optional, the tables are not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figures")
+        return None
+    return plt
+
+
 def run_jobs(
     run_one: Callable[[Any], dict[str, Any]], jobs: list[Any], workers: int, quiet: bool
 ) -> list[dict[str, Any]]:

@@ -49,6 +49,7 @@ from _common import (
     mean_ci,
     meta_train,
     outer_optimizer,
+    pyplot,
     run_jobs,
 )
 from fewshot_data import (
@@ -331,13 +332,8 @@ def plot(results: dict[str, dict[str, Any]], title: str, path: Path, dpi: int = 
     """Accuracy ± 95 % CI per configuration and weighting, and the share of negative
     weights over training (mean over seeds); ``results`` as in ``results.json``. False
     (and no file) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure")
+    plt = pyplot()
+    if plt is None:
         return False
     keys = list(results)
     weightings = list(dict.fromkeys(w for k in keys for w in results[k]))

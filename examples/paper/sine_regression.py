@@ -51,6 +51,7 @@ from _common import (
     mean_ci,
     meta_train,
     outer_optimizer,
+    pyplot,
     run_jobs,
 )
 from torch import Tensor
@@ -334,13 +335,8 @@ def plot(
     """Figure 1 of the paper (one unseen task: the initialisation before training and
     after each weighting, each with its fine-tuned fit) and the weights over training;
     none without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figures")
+    plt = pyplot()
+    if plt is None:
         return []
     written = []
     first_seed = min(run["seed"] for run in runs)

@@ -23,12 +23,13 @@ from ._collective import code_dtype, dtype_code, make_collective
 from ._kernels import (
     accumulation_dtype,
     default_foreach,
+    finite_probe,
     finiteness_probe,
     materialize,
-    weighted_sum,
+    weighted_blocks,
 )
 from ._weightings import Agreement, Weighting, weights_of_batch
-from ._weights import exchanged_scores, task_cosines, uniform_weights
+from ._weights import exchanged_scores, task_cosines, uniform_weights, weights_dtype_device
 
 __all__ = ["AgreementDiagnostics", "GradientAgreementAggregator", "NonFinitePolicy"]
 
@@ -313,6 +314,7 @@ class GradientAgreementAggregator:
                     all_dtypes=dtypes,
                     counts=counts,
                     first_task=sum(counts[: self._collective.rank]),
+                    cache={},  # what was kept was computed for this rank alone
                 )
             )
         if measured is batch:
@@ -395,41 +397,42 @@ class GradientAgreementAggregator:
         self, batch: TaskBatch, measured: TaskBatch
     ) -> tuple[list[Tensor], Tensor, AgreementDiagnostics] | None:
         """The whole call as device arithmetic and one value read back to the host: a
-        flag over everything read and produced (finite scores clear of underflow, finite
-        weights and update, and, for ``Mean`` with ``agreement_vectors``, finite values it
-        does not otherwise read). ``None`` when the flag is down: then :meth:`_careful`
-        redoes the call, raising with the culprit's task and parameter or rescaling. In a
-        process group the flag is read from reduced values, so every rank agrees."""
+        flag over everything read and produced (scores clear of underflow; finite weights
+        and update, and, for ``Mean`` with ``agreement_vectors``, finite values it does
+        not otherwise read). ``None`` when the flag is down: then :meth:`_careful` redoes
+        the call, raising with the culprit's task and parameter or rescaling. In a process
+        group the flag is read from reduced values, so every rank agrees."""
         collective = self._collective
-        uniform = uniform_weights(measured)
-        dtype = uniform.dtype
-        checks: list[Tensor] = []
+        dtype, device = weights_dtype_device(measured)
+        n = measured.total_tasks
+        clear: Tensor | None = None  # the scores are clear of underflow
         if self.weighting.needs == "count":
-            scores = torch.zeros_like(uniform)
+            scores = torch.zeros(n, dtype=dtype, device=device)
         else:
             scores = exchanged_scores(measured, 1.0, dtype, self._foreach(measured), collective)
             info = torch.finfo(dtype)
-            largest = scores.abs().amax()  # NaN and Inf fail the comparison too
-            checks.append(largest >= info.tiny / info.eps)  # not all zero, no underflow
+            clear = scores.abs().amax() >= info.tiny / info.eps  # NaN fails it too
         weights = self.weighting.from_scores(scores)
-        if weights.shape != uniform.shape:
+        if weights.shape != (n,):
             return None  # the careful path names the weighting
-        weights = weights.to(dtype)
-        checks.append(torch.isfinite(weights).all())
+        if weights.dtype != dtype:
+            weights = weights.to(dtype)
         unread = None
         if self.weighting.needs == "count" and measured is not batch:
             if self.non_finite == "raise":
                 # Mean does not read these values: a device probe that is finite exactly
                 # when they are, carried by the update's all-reduce.
-                unread = finiteness_probe(measured, self._update_dtype(batch, dtype))
-        result = self._combine(batch, weights, [] if unread is None else [unread.reshape(1)])
-        # ‖x‖ per tensor: finite exactly when the update is (barring an overflow of the
-        # squares, which only sends the call down the careful path).
-        magnitudes = torch.stack(torch._foreach_norm(result, 2))
-        checks.append(torch.isfinite(magnitudes).all())
-        if unread is not None:
-            checks.append(torch.isfinite(unread).all())
-        if not bool(torch.stack(checks).all()):  # the one value read back to the host
+                unread = finiteness_probe(measured, self._update_dtype(batch, dtype)).reshape(1)
+        result, blocks = self._combine(batch, weights, [] if unread is None else [unread])
+        # Finite exactly when the weights, the update and the unread values are (barring
+        # an overflow of the sums, which only sends the call down the careful path).
+        probe = finite_probe(
+            [weights, *blocks] + ([] if unread is None else [unread]), dtype, device
+        )
+        ok = probe * 0 == 0
+        if clear is not None:
+            ok = ok & clear
+        if not bool(ok):  # the one value read back to the host
             return None
         cosines = (
             task_cosines(measured, foreach=self._foreach(measured), collective=collective)
@@ -438,21 +441,35 @@ class GradientAgreementAggregator:
         )
         return result, weights, AgreementDiagnostics(weights, cosines, collective.bytes_sent)
 
-    def _combine(self, batch: TaskBatch, weights: Tensor, extra: list[Tensor]) -> list[Tensor]:
+    def _combine(
+        self, batch: TaskBatch, weights: Tensor, extra: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """Σ_i w_i v_i over every rank's tasks (this rank's share, all-reduced with the
         ``extra`` tensors riding along), in the vectors' dtype; zeros for a parameter no
-        task has."""
-        mine = weights[batch.first_task : batch.first_task + batch.num_tasks]
-        combined = materialize(batch, weighted_sum(batch, mine, foreach=self._foreach(batch)))
-        self._collective.sum_([t for t in combined if t is not None] + extra)
-        return [
-            torch.zeros_like(param)
-            if vector is None
-            else vector.to(dtype)
-            if dtype is not None and vector.dtype != dtype
-            else vector
-            for vector, param, dtype in zip(combined, self.params, batch.global_dtypes)
+        task has. Also returns the update's blocks: every entry that came from the tasks,
+        once, in a few tensors (for a check)."""
+        if batch.first_task or batch.num_tasks != weights.shape[0]:
+            weights = weights[batch.first_task : batch.first_task + batch.num_tasks]
+        blocked = weighted_blocks(batch, weights, foreach=self._foreach(batch))
+        local = blocked.params
+        combined = materialize(batch, local)
+        blocks = blocked.blocks + [
+            t for t, mine in zip(combined, local) if mine is None and t is not None
         ]
+        if self._collective.exchanges:
+            self._collective.sum_([t for t in combined if t is not None] + extra)
+        result = []
+        cast_back = False
+        for vector, param, dtype in zip(combined, self.params, batch.global_dtypes):
+            if vector is None:
+                result.append(torch.zeros_like(param))
+            elif dtype is not None and vector.dtype != dtype:
+                cast_back = True
+                result.append(vector.to(dtype))
+            else:
+                result.append(vector)
+        # Cast back to fp16/bf16, the update may overflow: then check what is returned.
+        return result, result if cast_back else blocks
 
     @staticmethod
     def _update_dtype(batch: TaskBatch, fallback: torch.dtype) -> torch.dtype:
@@ -467,7 +484,7 @@ class GradientAgreementAggregator:
         parameter of a non-finite value; rescales scores that over- or underflow."""
         collective = self._collective
         weights = self._weights_of(measured, gramian)
-        result = self._combine(batch, weights, [])
+        result, _ = self._combine(batch, weights, [])
         magnitudes = torch.stack(torch._foreach_norm(result, math.inf))
         finite = bool(torch.isfinite(magnitudes).all())
         if not finite and self.non_finite == "raise":
@@ -548,7 +565,10 @@ class GradientAgreementAggregator:
             result, weights, diagnostics = self._aggregate(task_vectors, agreement_vectors, gramian)
         previous = [param.grad for param in self.params]
         with torch.no_grad():
-            grads = [update.to(param.dtype) for param, update in zip(self.params, result)]
+            grads = [
+                update if update.dtype == param.dtype else update.to(param.dtype)
+                for param, update in zip(self.params, result)
+            ]
             if accumulate:
                 grads = [g if p.grad is None else p.grad + g for p, g in zip(self.params, grads)]
         for param, grad in zip(self.params, grads):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import overload
+from typing import NoReturn, overload
 
 import torch
 from torch import Tensor
@@ -230,7 +230,11 @@ def _stacked_batch(columns: list[Tensor], shapes: list[torch.Size], name: str, n
 def _task_stack(
     stack: TaskStack, name: str, params: list[Tensor] | None, allow_empty: bool
 ) -> TaskBatch:
-    """A :class:`TaskStack`: each column ``[N, *param.shape]``, as ``[N, numel]`` views."""
+    """A :class:`TaskStack`: each column ``[N, *param.shape]``, as ``[N, numel]`` views.
+
+    One pass over the columns reading each one's shape, dtype and device once; the
+    messages come from :func:`_column_error`, which runs only when something is wrong.
+    """
     columns = stack.columns
     if params is not None and len(columns) != len(params):
         raise ValueError(
@@ -239,44 +243,65 @@ def _task_stack(
         )
     if not columns:
         raise ValueError(f"`{name}` should hold at least one stacked tensor. Found none.")
-    n = -1
+    first = columns[0]
+    n = first.shape[0] if isinstance(first, Tensor) and first.dim() else -1
     flat: list[Tensor] = []
     shapes: list[torch.Size] = []
+    dtypes: list[torch.dtype | None] = []
+    devices: list[torch.device | None] = []
     for p, column in enumerate(columns):
-        where = f"`{name}` parameter {p}"
         if not isinstance(column, Tensor):
-            raise TypeError(
-                f"{where} should be a Tensor [N, ...]. Found `{type(column).__name__}`."
-            )
-        if not column.is_floating_point():
-            raise TypeError(f"{where} should have a floating-point dtype. Found {column.dtype}.")
-        if column.dim() == 0:
-            raise ValueError(f"{where} should be [N, ...] with the tasks along dimension 0.")
-        if n < 0:
-            n = column.shape[0]
-        if column.shape[0] != n:
-            raise ValueError(
-                f"{where} holds {column.shape[0]} tasks along dimension 0; parameter 0 "
-                f"holds {n}. Every parameter should hold the same tasks."
-            )
-        shape = column.shape[1:]
+            _column_error(name, p, column, n, params)
+        shape, dtype, device = column.shape, column.dtype, column.device
+        if not shape or shape[0] != n or not dtype.is_floating_point:
+            _column_error(name, p, column, n, params)
+        inner = shape[1:]
         if params is not None:
             param = params[p]
-            if shape != param.shape:
-                raise ValueError(
-                    f"{where} has shape {_shape(column.shape)}; expected "
-                    f"[N, {', '.join(map(str, param.shape))}] for a parameter of shape "
-                    f"{_shape(param.shape)}."
-                )
-            if column.device != param.device:
-                raise ValueError(
-                    f"{where} is on device {column.device}; the parameter is on {param.device}."
-                )
-        shapes.append(shape)
-        flat.append(column.reshape(column.shape[0], shape.numel()))
+            if inner != param.shape or device != param.device:
+                _column_error(name, p, column, n, params)
+        shapes.append(inner)
+        dtypes.append(dtype if n else None)
+        devices.append(device)
+        flat.append(column if len(shape) == 2 else column.reshape(n, inner.numel()))
     if n == 0 and not allow_empty:
         raise ValueError(f"`{name}` should hold at least one task. Found N = 0.")
-    return _stacked_batch(flat, shapes, name, n)
+    return TaskBatch(
+        tasks=_Rows(flat, shapes, n),
+        name=name,
+        shapes=list(shapes),
+        dtypes=dtypes,
+        devices=devices,
+        stacked=flat,
+    )
+
+
+def _column_error(
+    name: str, p: int, column: object, n: int, params: list[Tensor] | None
+) -> NoReturn:
+    """Raise what is wrong with column ``p`` of a :class:`TaskStack` (``n``: the tasks
+    that column 0 holds)."""
+    where = f"`{name}` parameter {p}"
+    if not isinstance(column, Tensor):
+        raise TypeError(f"{where} should be a Tensor [N, ...]. Found `{type(column).__name__}`.")
+    if not column.is_floating_point():
+        raise TypeError(f"{where} should have a floating-point dtype. Found {column.dtype}.")
+    if column.dim() == 0:
+        raise ValueError(f"{where} should be [N, ...] with the tasks along dimension 0.")
+    if column.shape[0] != n:
+        raise ValueError(
+            f"{where} holds {column.shape[0]} tasks along dimension 0; parameter 0 "
+            f"holds {n}. Every parameter should hold the same tasks."
+        )
+    assert params is not None
+    param = params[p]
+    if column.shape[1:] != param.shape:
+        raise ValueError(
+            f"{where} has shape {_shape(column.shape)}; expected "
+            f"[N, {', '.join(map(str, param.shape))}] for a parameter of shape "
+            f"{_shape(param.shape)}."
+        )
+    raise ValueError(f"{where} is on device {column.device}; the parameter is on {param.device}.")
 
 
 def _sequence_tasks(

@@ -48,6 +48,9 @@ class Collective(Protocol):
 
     rank: int
     world_size: int
+    #: Whether the collectives run at all (``False`` in one process, where each is the
+    #: identity, so that callers can skip preparing what they would send).
+    exchanges: bool
     #: Payload bytes this rank handed to collectives since :meth:`reset_bytes`.
     bytes_sent: int
 
@@ -83,6 +86,7 @@ class LocalCollective:
 
     rank = 0
     world_size = 1
+    exchanges = False
 
     def __init__(self) -> None:
         self.bytes_sent = 0
@@ -120,8 +124,10 @@ class GroupCollective:
 
     P-sized tensors travel on their own device (NCCL needs CUDA tensors; gloo moves CPU
     and CUDA tensors); the small control tensors travel on the CPU for gloo and on the
-    current CUDA device otherwise.
+    current CUDA device otherwise. A group of one rank still runs every collective.
     """
+
+    exchanges = True
 
     def __init__(self, group: Any) -> None:
         import torch.distributed as dist

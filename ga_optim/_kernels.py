@@ -34,18 +34,22 @@ from torch import Tensor
 from ._checks import TaskBatch
 
 __all__ = [
+    "FEW_TENSORS",
     "LARGE_NUMEL",
     "PACK_CACHE_ELEMENTS",
     "PACK_ELEMENTS",
     "SMALL_NUMEL",
+    "Blocked",
     "accumulation_dtype",
     "default_foreach",
     "dots_with",
+    "finite_probe",
     "finiteness_probe",
     "gramian",
     "materialize",
     "promote",
     "task_sum",
+    "weighted_blocks",
     "weighted_sum",
 ]
 
@@ -90,7 +94,7 @@ def _plan(batch: TaskBatch, foreach: bool) -> _Plan:
     if key in batch.cache:
         return cast(_Plan, batch.cache[key])
     plan = (
-        _stacked_plan(batch)
+        _stacked_layout(batch).plan
         if foreach and batch.stacked is not None
         else _list_plan(batch, foreach)
     )
@@ -98,19 +102,22 @@ def _plan(batch: TaskBatch, foreach: bool) -> _Plan:
     return plan
 
 
-def _small_packs(batch: TaskBatch, params: list[int]) -> tuple[list[list[int]], list[int]]:
-    """Small parameters grouped per dtype and device into packs of at most
+Kind = tuple[torch.dtype | None, torch.device | None]
+
+
+def _small_packs(
+    n: int, numels: Sequence[int], kinds: Sequence[Kind], params: list[int]
+) -> tuple[list[list[int]], list[int]]:
+    """Small parameters grouped per kind (dtype and device) into packs of at most
     :data:`PACK_ELEMENTS` entries; the others, left out."""
-    n = batch.num_tasks
-    numels = _numels(batch)
-    groups: dict[tuple[torch.dtype | None, torch.device | None], list[list[int]]] = {}
-    used: dict[tuple[torch.dtype | None, torch.device | None], int] = {}  # in the last pack
+    groups: dict[Kind, list[list[int]]] = {}
+    used: dict[Kind, int] = {}  # in the last pack
     others = []
     for p in params:
         if numels[p] > SMALL_NUMEL or n * numels[p] > PACK_ELEMENTS:
             others.append(p)
             continue
-        kind = (batch.dtypes[p], batch.devices[p])
+        kind = kinds[p]
         group = groups.setdefault(kind, [[]])
         if n * (used.get(kind, 0) + numels[p]) > PACK_ELEMENTS:
             group.append([])
@@ -128,31 +135,57 @@ def _list_plan(batch: TaskBatch, foreach: bool) -> _Plan:
     present = [p for p, dtype in enumerate(batch.dtypes) if dtype is not None]  # some task has it
     if not foreach:
         return _Plan(packs=[], singles=present, firsts=firsts)
-    packs, singles = _small_packs(batch, present)
+    kinds = list(zip(batch.dtypes, batch.devices))
+    packs, singles = _small_packs(batch.num_tasks, _numels(batch), kinds, present)
     return _Plan(packs=packs, singles=singles, firsts=firsts)
 
 
-def _stacked_plan(batch: TaskBatch) -> _Plan:
+@dataclass(frozen=True)
+class _Layout:
+    """What a stacked batch's kernels need to know of its shapes, computed once per
+    layout (a training loop passes the same shapes every step)."""
+
+    numels: list[int]
+    view_shapes: list[tuple[int, ...]]
+    plan: _Plan
+
+
+def _stacked_layout(batch: TaskBatch) -> _Layout:
+    layout = batch.cache.get("layout")
+    if layout is None:
+        layout = batch.cache["layout"] = _layout_of(
+            batch.num_tasks, tuple(batch.shapes), tuple(zip(batch.dtypes, batch.devices))
+        )
+    return cast(_Layout, layout)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_of(n: int, shapes: tuple[torch.Size | None, ...], kinds: tuple[Kind, ...]) -> _Layout:
     """Stacked input: every parameter is already an ``[N, numel]`` matrix. On an
     accelerator, where each kernel launch costs more than copying a small batch, a batch
     of at most :data:`PACK_CACHE_ELEMENTS` entries in one dtype and device is one pack
     (one copy, kept for the call: each pass is then a single kernel). Otherwise a large
     parameter is a pack of its own (a view, no copy) and small ones are concatenated into
     packs. Every kernel runs per pack, whatever N is."""
-    present = [p for p, dtype in enumerate(batch.dtypes) if dtype is not None]
-    firsts: list[int | None] = [0 if p in present else None for p in range(batch.num_params)]
-    kinds = {(batch.dtypes[p], batch.devices[p]) for p in present}
-    numels = _numels(batch)
-    entries = batch.num_tasks * sum(numels[p] for p in present)
-    on_accelerator = all(device is not None and device.type != "cpu" for _, device in kinds)
-    if on_accelerator and len(kinds) == 1 and len(present) > 1 and entries <= PACK_CACHE_ELEMENTS:
-        return _Plan(packs=[present], singles=[], firsts=firsts)
-    packs, large = _small_packs(batch, present)
-    return _Plan(packs=[[p] for p in large] + packs, singles=[], firsts=firsts)
+    numels = [0 if shape is None else shape.numel() for shape in shapes]
+    view_shapes = [() if shape is None else tuple(shape) for shape in shapes]
+    present = [p for p, (dtype, _) in enumerate(kinds) if dtype is not None]
+    firsts: list[int | None] = [None if dtype is None else 0 for dtype, _ in kinds]
+    used = {kinds[p] for p in present}
+    entries = n * sum(numels[p] for p in present)
+    on_accelerator = all(device is not None and device.type != "cpu" for _, device in used)
+    if on_accelerator and len(used) == 1 and len(present) > 1 and entries <= PACK_CACHE_ELEMENTS:
+        plan = _Plan(packs=[present], singles=[], firsts=firsts)
+    else:
+        packs, large = _small_packs(n, numels, kinds, present)
+        plan = _Plan(packs=[[p] for p in large] + packs, singles=[], firsts=firsts)
+    return _Layout(numels=numels, view_shapes=view_shapes, plan=plan)
 
 
 def _numels(batch: TaskBatch) -> list[int]:
     """Each parameter's number of elements (0 where no task has it), once per call."""
+    if batch.stacked is not None:
+        return _stacked_layout(batch).numels
     numels = batch.cache.get("numels")
     if numels is None:
         numels = batch.cache["numels"] = [
@@ -177,7 +210,9 @@ def _packed(batch: TaskBatch, pack: list[int], dtype: torch.dtype) -> Tensor:
     if kept is not None:
         return cast(Tensor, kept)
     if batch.stacked is not None:
-        columns = [batch.stacked[p].to(dtype) for p in pack]
+        columns = [batch.stacked[p] for p in pack]
+        if batch.dtypes[pack[0]] != dtype:  # a pack holds one dtype
+            columns = [column.to(dtype) for column in columns]
         return _keep(batch, key, columns[0] if len(columns) == 1 else torch.cat(columns, dim=1))
     columns = []
     for p in pack:
@@ -198,10 +233,71 @@ def _keep(batch: TaskBatch, key: object, packed: Tensor) -> Tensor:
     return packed
 
 
+def _view_shapes(batch: TaskBatch) -> list[tuple[int, ...]]:
+    """Each parameter's shape as a plain tuple (``view`` parses a tuple faster than a
+    ``torch.Size``), once per call."""
+    if batch.stacked is not None:
+        return _stacked_layout(batch).view_shapes
+    shapes = batch.cache.get("view_shapes")
+    if shapes is None:
+        shapes = batch.cache["view_shapes"] = [
+            () if shape is None else tuple(shape) for shape in batch.shapes
+        ]
+    return cast(list[tuple[int, ...]], shapes)
+
+
 def _unpack(batch: TaskBatch, pack: list[int], flat: Tensor) -> list[Tensor]:
+    """The pack's flat result ``[k]`` as views shaped like its parameters."""
+    shapes = _view_shapes(batch)
+    if len(pack) == 1:
+        return [flat.view(shapes[pack[0]])]
     numels = _numels(batch)
     chunks = torch.split(flat, [numels[p] for p in pack])
-    return [chunk.view(cast(torch.Size, batch.shapes[p])) for p, chunk in zip(pack, chunks)]
+    return [
+        chunk if len(shapes[p]) == 1 else chunk.view(shapes[p])  # 1-d: already shaped
+        for p, chunk in zip(pack, chunks)
+    ]
+
+
+class Blocked:
+    """Per-parameter results kept in the blocks they were computed in: one flat tensor
+    ``[k]`` per pack of the batch's plan (its parameters' entries concatenated) and one
+    tensor per parameter computed on its own.
+
+    The blocks are what a check or a dot product reads (a few tensors, whatever the
+    number of parameters); :attr:`params`, the per-parameter views, is built on first
+    read (only what is returned to the caller, or sent to other ranks, needs it).
+    """
+
+    def __init__(
+        self,
+        batch: TaskBatch,
+        packs: list[list[int]],
+        flats: list[Tensor],
+        singles: dict[int, Tensor],
+    ) -> None:
+        self._batch, self._packs = batch, packs
+        self.flats = flats
+        self.singles = singles
+        self._params: list[Tensor | None] | None = None
+
+    @property
+    def blocks(self) -> list[Tensor]:
+        """Every block once: the packs' flats, then the single parameters' tensors."""
+        return [*self.flats, *self.singles.values()]
+
+    @property
+    def params(self) -> list[Tensor | None]:
+        """One tensor per parameter (views of the blocks; ``None`` where no task has it)."""
+        if self._params is None:
+            out: list[Tensor | None] = [None] * self._batch.num_params
+            for pack, flat in zip(self._packs, self.flats):
+                for p, view in zip(pack, _unpack(self._batch, pack, flat)):
+                    out[p] = view
+            for p, tensor in self.singles.items():
+                out[p] = tensor
+            self._params = out
+        return self._params
 
 
 def weighted_sum(
@@ -219,10 +315,32 @@ def weighted_sum(
     host) or a sequence of floats. Accumulates in ``acc_dtype`` (default:
     :func:`accumulation_dtype` of each parameter's dtype). With ``out_dtype=True`` the
     result is cast back to the tasks' dtype. A parameter that no task has gives ``None``.
-    ``packing=False`` keeps even small parameters on the foreach lists.
+    ``packing=False`` keeps even small parameters on the foreach lists. The same sums as
+    :func:`weighted_blocks`, one tensor per parameter.
     """
+    out = weighted_blocks(
+        batch, coeffs, foreach=foreach, acc_dtype=acc_dtype, packing=packing
+    ).params
+    if out_dtype:
+        out = [
+            t if t is None or t.dtype == dtype else t.to(dtype)
+            for t, dtype in zip(out, batch.dtypes)
+        ]
+    return out
+
+
+def weighted_blocks(
+    batch: TaskBatch,
+    coeffs: Tensor | Sequence[float],
+    *,
+    foreach: bool,
+    acc_dtype: torch.dtype | None = None,
+    packing: bool = True,
+) -> Blocked:
+    """:func:`weighted_sum` in the blocks it is computed in: one matrix-vector product per
+    pack, a foreach multiply-add per task over the other parameters (or, on the
+    per-tensor path and above :data:`LARGE_NUMEL` elements, one per task and tensor)."""
     plan = _plan(batch, foreach and packing)
-    out: list[Tensor | None] = [None] * batch.num_params
     given = (
         coeffs if isinstance(coeffs, Tensor) else torch.tensor(list(coeffs), dtype=torch.float64)
     )
@@ -230,16 +348,20 @@ def weighted_sum(
 
     def cast_to(dtype: torch.dtype, device: torch.device) -> Tensor:
         if (dtype, device) not in by_dtype:
-            by_dtype[dtype, device] = given.to(device=device, dtype=dtype)
+            by_dtype[dtype, device] = (
+                given
+                if given.dtype == dtype and given.device == device
+                else given.to(device=device, dtype=dtype)
+            )
         return by_dtype[dtype, device]
 
+    flats = []
     for pack in plan.packs:
         dtype = acc_dtype or accumulation_dtype(batch.dtypes[pack[0]])  # type: ignore[arg-type]
         matrix = _packed(batch, pack, dtype)
-        weights = cast_to(dtype, matrix.device)
-        for p, tensor in zip(pack, _unpack(batch, pack, weights @ matrix)):
-            out[p] = tensor
+        flats.append(cast_to(dtype, matrix.device) @ matrix)
 
+    out: dict[int, Tensor] = {}
     host = not isinstance(coeffs, Tensor)  # floats already on the host: the alpha path
     floats = list(coeffs) if host else []
     for p in plan.singles:
@@ -263,7 +385,7 @@ def weighted_sum(
             ]
             if host and index:
                 torch._foreach_add_(
-                    [cast(Tensor, out[p]) for p in index],
+                    [out[p] for p in index],
                     [cast(Tensor, batch.tasks[i][p]) for p in index],
                     alpha=floats[i],
                 )
@@ -273,13 +395,12 @@ def weighted_sum(
                 # to the host and no temporary the size of the task.
                 c = cast_to(dtype, device)[i]
                 torch._foreach_addcmul_(
-                    [cast(Tensor, out[p]) for p in members],
+                    [out[p] for p in members],
                     [cast(Tensor, batch.tasks[i][p]) for p in members],
                     [c] * len(members),
                 )
     for p in loops:
         total = out[p]
-        assert total is not None
         for i in range(plan.firsts[p] + 1, batch.num_tasks):  # type: ignore[operator]
             vector = batch.tasks[i][p]
             if vector is None:
@@ -288,21 +409,15 @@ def weighted_sum(
                 total.add_(vector, alpha=floats[i])
             else:
                 total.addcmul_(vector, cast_to(total.dtype, total.device)[i])
-
-    if out_dtype:
-        out = [
-            t if t is None or t.dtype == dtype else t.to(dtype)
-            for t, dtype in zip(out, batch.dtypes)
-        ]
-    return out
+    return Blocked(batch, plan.packs, flats, out)
 
 
 def _by_dtype(
-    out: list[Tensor | None], index: list[int]
+    out: dict[int, Tensor], index: list[int]
 ) -> dict[tuple[torch.dtype, torch.device], list[int]]:
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for p in index:
-        t = cast(Tensor, out[p])
+        t = out[p]
         groups.setdefault((t.dtype, t.device), []).append(p)
     return groups
 
@@ -314,41 +429,45 @@ def _flat(t: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
 
 def dots_with(
     batch: TaskBatch,
-    others: Sequence[Tensor | None],
+    sums: Blocked,
     dtype: torch.dtype,
     scale: float = 1.0,
     *,
     foreach: bool = False,
 ) -> Tensor:
-    """``r_i = Σ_p (scale · tasks[i][p]) · others[p]`` in ``dtype``, shape ``[N]``.
+    """``r_i = Σ_p (scale · tasks[i][p]) · sums[p]`` in ``dtype``, shape ``[N]``, for
+    ``sums`` from :func:`task_sum` on the same batch and ``foreach``.
 
-    On the foreach path each pack of small parameters is built once and takes one
-    matrix-vector product; other parameters take one BLAS dot per task, with no temporary
-    beyond an upcast of the task tensor for half-precision inputs (or a scaled copy when
-    ``scale != 1``).
+    On the foreach path each pack of small parameters (built once for the call) takes one
+    matrix-vector product with its block of ``sums``, as it is; other parameters take one
+    BLAS dot per task, with no temporary beyond an upcast of the task tensor for
+    half-precision inputs (or a scaled copy when ``scale != 1``).
     """
     plan = _plan(batch, foreach)
-    device = next(d for d in batch.devices if d is not None)
-    scores = torch.zeros(batch.num_tasks, dtype=dtype, device=device)
-    for pack in plan.packs:  # every packed parameter has a sum (see ``materialize``)
+    scores: Tensor | None = None
+    for pack, flat in zip(plan.packs, sums.flats):
         matrix = _packed(batch, pack, dtype)
         if scale != 1.0:
             matrix = matrix * scale
-        vector = torch.cat([_flat(cast(Tensor, others[p]), dtype) for p in pack])
-        scores += matrix @ vector
-    singles = [p for p in plan.singles if others[p] is not None]
-    if singles:
+        product = matrix @ flat
+        scores = product if scores is None else scores + product
+    if plan.singles:
+        device = next(d for d in batch.devices if d is not None)
         rows: list[Tensor] = []
         for task in batch.tasks:
             terms = [
-                torch.dot(_flat(mine, dtype, scale), _flat(cast(Tensor, others[p]), dtype))
-                for p in singles
+                torch.dot(_flat(mine, dtype, scale), _flat(sums.singles[p], dtype))
+                for p in plan.singles
                 if (mine := task[p]) is not None
             ]
             rows.append(
                 torch.stack(terms).sum() if terms else torch.zeros((), dtype=dtype, device=device)
             )
-        scores += torch.stack(rows)
+        product = torch.stack(rows)
+        scores = product if scores is None else scores + product
+    if scores is None:  # no task on this rank
+        device = next(d for d in batch.devices if d is not None)
+        return torch.zeros(batch.num_tasks, dtype=dtype, device=device)
     return scores
 
 
@@ -371,22 +490,21 @@ def materialize(
     return out
 
 
-def task_sum(
-    batch: TaskBatch, dtype: torch.dtype, scale: float = 1.0, *, foreach: bool
-) -> list[Tensor | None]:
-    """``scale · Σ_i g_i`` for every parameter, in ``dtype`` (``None`` where no task, on any
-    rank, has the parameter): a column sum per pack, and the foreach / per-tensor sums of
-    the other parameters, with ``scale`` a host float (nothing is read back)."""
+def task_sum(batch: TaskBatch, dtype: torch.dtype, scale: float = 1.0, *, foreach: bool) -> Blocked:
+    """``scale · Σ_i g_i`` for every parameter this rank's tasks have, in ``dtype``: a
+    column sum per pack, and the foreach / per-tensor sums of the other parameters, with
+    ``scale`` a host float (nothing is read back). ``.params`` gives ``None`` where no
+    local task has the parameter (see :func:`materialize` for a collective)."""
     plan = _plan(batch, foreach)
-    out: list[Tensor | None] = [None] * batch.num_params
+    flats = []
     for pack in plan.packs:
         matrix = _packed(batch, pack, dtype)
         if scale != 1.0:
             matrix = matrix * scale
-        for p, column in zip(pack, _unpack(batch, pack, matrix.sum(dim=0))):
-            out[p] = column
+        flats.append(matrix.sum(dim=0))
+    singles: dict[int, Tensor] = {}
     if plan.singles:
-        singles = TaskBatch(
+        sub = TaskBatch(
             tasks=[[task[p] for p in plan.singles] for task in batch.tasks],
             name=batch.name,
             shapes=[batch.shapes[p] for p in plan.singles],
@@ -394,19 +512,43 @@ def task_sum(
             devices=[batch.devices[p] for p in plan.singles],
         )
         coeffs = [scale] * batch.num_tasks
-        summed = weighted_sum(singles, coeffs, foreach=foreach, acc_dtype=dtype, packing=False)
+        summed = weighted_sum(sub, coeffs, foreach=foreach, acc_dtype=dtype, packing=False)
         for p, total in zip(plan.singles, summed):
-            out[p] = total
-    return materialize(batch, out, dtype)
+            assert total is not None
+            singles[p] = total
+    return Blocked(batch, plan.packs, flats, singles)
+
+
+#: Up to this many tensors, :func:`finite_probe` sums each one (a kernel apiece); beyond,
+#: it takes one multi-tensor 2-norm.
+FEW_TENSORS = 4
+
+
+def finite_probe(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-d tensor in ``dtype`` on ``device`` that is finite exactly when every entry of
+    ``tensors`` is: each tensor's sum (for up to :data:`FEW_TENSORS` tensors) or their
+    Euclidean norms (one multi-tensor reduction), added up in at least float32. NaN and
+    Inf propagate; a sum or square beyond the range overflows too (|x| > ~1e19 in float32
+    for the norm), a false alarm that only costs the careful path. No mask, nothing read
+    back to the host. (The 2-norm: on CPU ``_foreach_norm`` computes it several times
+    faster than the 1- or ∞-norm.)"""
+    present = [t for t in tensors if t.numel()]
+    if not present:
+        return torch.zeros((), dtype=dtype, device=device)
+    acc = torch.float32
+    for t in present:
+        acc = promote(acc, t.dtype)
+    if len(present) <= FEW_TENSORS:
+        total = present[0].sum(dtype=acc)
+        for t in present[1:]:
+            total = total + t.sum(dtype=acc)
+    else:
+        total = torch.stack(torch._foreach_norm(present, 2, dtype=acc)).sum()
+    return total if total.dtype == dtype else total.to(dtype)
 
 
 def finiteness_probe(batch: TaskBatch, dtype: torch.dtype) -> Tensor:
-    """A 0-d tensor in ``dtype`` on the batch's device that is finite exactly when every
-    entry of ``batch`` is: the sum of each pack's (or tensor's) Euclidean norm. NaN and Inf
-    propagate; squares above the dtype's range (|x| > ~1e19 in float32) overflow too, a
-    false alarm that only costs the careful path. One multi-tensor reduction, no mask,
-    nothing read back to the host. (The 2-norm: on CPU ``_foreach_norm`` computes it
-    several times faster than the 1- or ∞-norm.)"""
+    """:func:`finite_probe` over every entry of ``batch`` (stacked input: over its packs)."""
     device = next(d for d in batch.devices if d is not None)
     if batch.stacked is not None:
         tensors = [
@@ -414,10 +556,8 @@ def finiteness_probe(batch: TaskBatch, dtype: torch.dtype) -> Tensor:
             for pack in _plan(batch, True).packs
         ]
     else:
-        tensors = [t for task in batch.tasks for t in task if t is not None and t.numel()]
-    if not tensors:
-        return torch.zeros((), dtype=dtype, device=device)
-    return torch.stack([n.to(dtype) for n in torch._foreach_norm(tensors, 2)]).sum()
+        tensors = [t for task in batch.tasks for t in task if t is not None]
+    return finite_probe(tensors, dtype, device)
 
 
 def gramian(

@@ -22,7 +22,7 @@ from ._weights import (
     cosine_agreement_scores,
     signed_normalize,
     to_unit_range,
-    uniform_weights,
+    weights_dtype_device,
 )
 
 __all__ = [
@@ -176,7 +176,7 @@ def weights_of_batch(
     scanned all the same, so NaN is never let through unseen, unless ``check_unread`` is
     false (``non_finite="propagate"``).
     """
-    dtype = uniform_weights(batch).dtype
+    dtype, _ = weights_dtype_device(batch)
     find: Callable[[], None] = lambda: locate_non_finite(batch)  # noqa: E731
     if weighting.needs == "count":
         if check_unread:

@@ -29,6 +29,7 @@ The numerics policy, for every weighting and both paths (vectors and Gramian):
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -52,26 +53,30 @@ __all__ = [
     "task_cosines",
     "to_unit_range",
     "uniform_weights",
+    "weights_dtype_device",
 ]
 
 
 _LOCAL = LocalCollective()
 
 
-def _batch_dtype_device(batch: TaskBatch) -> tuple[torch.dtype, torch.device]:
-    dtype = torch.float32
-    device = torch.device("cpu")
-    for p_dtype, p_device in zip(batch.global_dtypes, batch.devices):
-        if p_dtype is not None:
-            dtype = promote(dtype, accumulation_dtype(p_dtype))
-        if p_device is not None:
-            device = p_device
-    return dtype, device
+def weights_dtype_device(batch: TaskBatch) -> tuple[torch.dtype, torch.device]:
+    """The dtype the batch's weights come in (its accumulation dtype, promoted over
+    parameters and ranks) and the device they live on; once per call."""
+    found = batch.cache.get("weights_dtype_device")
+    if found is None:
+        dtype = torch.float32
+        for p_dtype in set(batch.global_dtypes):
+            if p_dtype is not None:
+                dtype = promote(dtype, accumulation_dtype(p_dtype))
+        device = next((d for d in reversed(batch.devices) if d is not None), None)
+        found = batch.cache["weights_dtype_device"] = (dtype, device or torch.device("cpu"))
+    return cast(tuple[torch.dtype, torch.device], found)
 
 
 def uniform_weights(batch: TaskBatch) -> Tensor:
     """``1/N`` for each of the batch's ``N`` tasks, in its accumulation dtype."""
-    dtype, device = _batch_dtype_device(batch)
+    dtype, device = weights_dtype_device(batch)
     n = batch.total_tasks
     return torch.full((n,), 1.0 / n, dtype=dtype, device=device)
 
@@ -84,7 +89,7 @@ def _unit_scale(batch: TaskBatch, collective: Collective) -> float:
     """
     present = [t for task in batch.tasks for t in task if t is not None and t.numel()]
     local = max((float(t.abs().max()) for t in present), default=0.0)
-    _, device = _batch_dtype_device(batch)
+    _, device = weights_dtype_device(batch)
     largest_t = torch.tensor([local], dtype=torch.float64, device=device)
     collective.max_(largest_t)
     largest = float(largest_t.item())
@@ -113,7 +118,7 @@ def agreement_scores(
     so every rank returns the same ``[N]`` scores; the fallback's decision is taken on those
     and is the same everywhere.
     """
-    dtype, _ = _batch_dtype_device(batch)
+    dtype, _ = weights_dtype_device(batch)
     scores = exchanged_scores(batch, 1.0, dtype, foreach, collective)
     finite = bool(torch.isfinite(scores).all())
     info = torch.finfo(dtype)
@@ -142,7 +147,10 @@ def exchanged_scores(
     task sum is freed on return, before any update is built."""
     use_foreach = default_foreach(batch) if foreach is None else foreach
     sums = task_sum(batch, dtype, scale, foreach=use_foreach)
-    collective.sum_([s for s in sums if s is not None])
+    if collective.exchanges:
+        # Sent per parameter in parameter order (the same on every rank, whatever each
+        # rank's packing); the views write the reduced values back into the blocks.
+        collective.sum_([s for s in materialize(batch, sums.params, dtype) if s is not None])
     local = dots_with(batch, sums, dtype, scale, foreach=use_foreach)
     return collective.gather(local, batch.all_counts)
 
@@ -182,7 +190,7 @@ def _norm64(t: Tensor) -> Tensor:
 
 def _task_norms(batch: TaskBatch, scale: float) -> Tensor:
     """``‖scale · g_i‖`` for each of this rank's tasks, in float64."""
-    _, device = _batch_dtype_device(batch)
+    _, device = weights_dtype_device(batch)
     zero = torch.zeros((), dtype=torch.float64, device=device)
     norms = []
     for task in batch.tasks:
@@ -232,7 +240,7 @@ def cosine_agreement_scores(
     :func:`agreement_scores` and unused. With a process group the sum of unit vectors is
     all-reduced and the scores gathered, as in :func:`agreement_scores`.
     """
-    _, device = _batch_dtype_device(batch)
+    _, device = weights_dtype_device(batch)
     n = batch.total_tasks
     total: list[Tensor | None] = [None] * batch.num_params
     for task in batch.tasks:
@@ -272,7 +280,7 @@ def task_cosines(
     Uses ``r_i = g_i·s`` and ``‖s‖² = Σ_i r_i`` (with ``s = Σ_j g_j``), so the only extra
     pass is the task norms.
     """
-    _, device = _batch_dtype_device(batch)
+    _, device = weights_dtype_device(batch)
     scale = _unit_scale(batch, collective)
     if scale == 0.0:
         return torch.zeros(batch.total_tasks, dtype=torch.float64, device=device)

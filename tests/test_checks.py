@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ga_optim import GradientAgreementAggregator, Mean, agreement_weights
+from ga_optim import GradientAgreementAggregator, Mean, TaskStack, agreement_weights
 
 v = torch.ones(3)
 m = torch.ones(2, 2)
@@ -212,3 +212,80 @@ def test_aggregator_input_errors_name_parameter() -> None:
         aggregator.aggregate([good, nan], agreement_vectors=[good, good])
     with pytest.raises(ValueError, match=r"`agreement_vectors\[0\]\[1\]` should be finite"):
         aggregator.aggregate([good, good], agreement_vectors=[nan, good])
+
+
+def _stack_params() -> list[torch.Tensor]:
+    return [torch.zeros(2, 3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+
+
+BAD_STACKS = [
+    ("count", [torch.ones(4, 2, 3)], ValueError, r"holds 1 stacked tensors; expected one per"),
+    ("none", [], ValueError, r"holds 0 stacked tensors"),
+    ("not-a-tensor", [torch.ones(4, 2, 3), [1.0]], TypeError, r"parameter 1 should be a Tensor"),
+    (
+        "integer",
+        [torch.ones(4, 2, 3), torch.ones(4, 2, dtype=torch.int64)],
+        TypeError,
+        r"`task_vectors` parameter 1 should have a floating-point dtype\. Found torch\.int64",
+    ),
+    (
+        "scalar-first",
+        [torch.tensor(1.0), torch.ones(4, 2)],
+        ValueError,
+        r"`task_vectors` parameter 0 should be \[N, \.\.\.\] with the tasks along dimension 0",
+    ),
+    (
+        "ragged-n",
+        [torch.ones(4, 2, 3), torch.ones(5, 2)],
+        ValueError,
+        r"parameter 1 holds 5 tasks along dimension 0; parameter 0 holds 4",
+    ),
+    (
+        "shape",
+        [torch.ones(4, 3, 2), torch.ones(4, 2)],
+        ValueError,
+        r"parameter 0 has shape \(4, 3, 2\); expected \[N, 2, 3\] for a parameter of shape \(2, 3\)",
+    ),
+    (
+        "device",
+        [torch.ones(4, 2, 3), torch.ones(4, 2, device="meta")],
+        ValueError,
+        r"parameter 1 is on device meta; the parameter is on cpu",
+    ),
+    (
+        "no-task",
+        [torch.ones(0, 2, 3), torch.ones(0, 2)],
+        ValueError,
+        r"at least one task\. Found N = 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("columns", "error", "match"), [c[1:] for c in BAD_STACKS], ids=[c[0] for c in BAD_STACKS]
+)
+def test_task_stack_rejects_and_leaves_everything_untouched(
+    columns: list[object], error: type[Exception], match: str
+) -> None:
+    params = _stack_params()
+    outer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    aggregator = GradientAgreementAggregator(params, outer)
+    with pytest.raises(error, match=match):
+        aggregator.step(TaskStack(columns))  # type: ignore[arg-type]
+    assert all(p.grad is None and not p.any() for p in params)
+    assert outer.state_dict()["state"] == {} and aggregator.num_steps == 0
+
+
+def test_task_stack_reads_each_column_as_its_parameter() -> None:
+    # 1-d, 2-d and 3-d columns (2-d ones are used as they are, the others reshaped).
+    params = [torch.zeros(2, 3), torch.zeros(2), torch.zeros(())]
+    gen = torch.Generator().manual_seed(0)
+    columns = [torch.randn(5, *p.shape, generator=gen, dtype=torch.float64) for p in params]
+    aggregator = GradientAgreementAggregator([p.requires_grad_() for p in params])
+    got = aggregator.aggregate(TaskStack(columns))
+    flat = torch.cat([column.reshape(5, -1) for column in columns], dim=1)  # by hand
+    scores = flat @ flat.sum(0)
+    weights = scores / scores.abs().sum()
+    for g, column in zip(got, columns, strict=True):
+        expected = (weights[:, None] * column.reshape(5, -1)).sum(0).reshape(column.shape[1:])
+        torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-12)

@@ -67,8 +67,16 @@ def _step_ops(weighting: Any, form: str, n: int) -> Counter[str]:
 def test_stacked_step_runs_the_same_ops_for_4_and_32_tasks(weighting: Any, form: str) -> None:
     few, many = _step_ops(weighting, form, 4), _step_ops(weighting, form, 32)
     assert few == many, f"ops that grow with N: {(many - few) + (few - many)}"
-    assert sum(few.values()) < 200, sum(few.values())
+    # 6 parameters: Mean 22 / 31 ops, Agreement 40 / 43 (Reptile / MAML form), views
+    # included; no per-parameter work beyond the views of the packed results.
+    assert sum(few.values()) <= 50, sum(few.values())
     assert few[SCALAR_READ] == 1  # the one flag
+
+
+@pytest.mark.parametrize("form", ["reptile", "maml"])
+def test_mean_dispatches_fewer_ops_than_agreement(form: str) -> None:
+    mean, agreement = _step_ops(Mean(), form, 8), _step_ops(Agreement(), form, 8)
+    assert sum(mean.values()) < sum(agreement.values()), (mean, agreement)
 
 
 def test_a_flat_tensor_is_read_as_stacked_columns_too() -> None:

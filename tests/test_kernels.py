@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -9,10 +11,12 @@ from hypothesis import strategies as st
 
 from ga_optim._checks import as_task_batch
 from ga_optim._kernels import (
+    FEW_TENSORS,
     LARGE_NUMEL,
     SMALL_NUMEL,
     accumulation_dtype,
     dots_with,
+    finite_probe,
     gramian,
     task_sum,
     weighted_sum,
@@ -57,7 +61,9 @@ def test_half_inputs_accumulate_in_float32() -> None:
     checked = as_task_batch(vectors)
     total = weighted_sum(checked, [1.0, 1.0, 1.0], foreach=True)
     assert total[0] is not None and total[0].dtype == torch.float32
-    dots = dots_with(checked, total, torch.float32)
+    sums = task_sum(checked, torch.float32, foreach=True)
+    assert sums.params[0] is not None and sums.params[0].dtype == torch.float32
+    dots = dots_with(checked, sums, torch.float32, foreach=True)
     assert dots.tolist() == [3e7] * 3  # 100 · 300 · 1000, far beyond fp16's 65504
     back = weighted_sum(checked, [1 / 3] * 3, foreach=True, out_dtype=True)
     assert back[0] is not None and back[0].dtype == torch.float16
@@ -100,3 +106,28 @@ def test_each_size_regime_matches_the_per_tensor_path(numel: int) -> None:
         sums = task_sum(checked, torch.float64, foreach=foreach)
         scores = dots_with(checked, sums, torch.float64, foreach=foreach)
         torch.testing.assert_close(scores, expected_scores, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("count", [1, FEW_TENSORS, FEW_TENSORS + 3], ids=["one", "few", "many"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_finite_probe_is_finite_exactly_when_every_entry_is(count: int, bad: float) -> None:
+    gen = torch.Generator().manual_seed(count)
+    dtypes = [torch.float16, torch.float32, torch.float64]
+    tensors = [torch.randn(3 + k, generator=gen).to(dtypes[k % 3]) * 100 for k in range(count)] + [
+        torch.zeros(0)
+    ]  # an empty tensor is skipped
+    probe = finite_probe(tensors, torch.float32, torch.device("cpu"))
+    assert probe.shape == () and probe.dtype == torch.float32 and math.isfinite(float(probe))
+    for k in range(count):
+        spoiled = [t.clone() for t in tensors]
+        spoiled[k][1] = bad
+        assert not math.isfinite(float(finite_probe(spoiled, torch.float32, torch.device("cpu"))))
+
+
+def test_finite_probe_accumulates_half_precision_in_float32() -> None:
+    # 1000 entries of 1000 sum to 1e6, far above fp16's 65504: no false alarm.
+    halves = [torch.full((1000,), 1000.0, dtype=torch.float16)]
+    assert float(finite_probe(halves, torch.float32, torch.device("cpu"))) == 1e6
+    many = halves * (FEW_TENSORS + 1)
+    assert math.isfinite(float(finite_probe(many, torch.float32, torch.device("cpu"))))
+    assert float(finite_probe([], torch.float64, torch.device("cpu"))) == 0.0

@@ -43,12 +43,20 @@ def stacked_task_vectors(
 
 def _check_names(stacked: Stacked, names: Sequence[str], allow_empty: bool) -> None:
     """Every parameter has an entry, nothing else does, and all hold the same N tasks."""
-    missing = [name for name in names if name not in stacked]
-    if missing:
-        raise ValueError(f"`stacked` has no entry for the parameters {missing}.")
-    extra = sorted(set(stacked) - set(names))
-    if extra:
+    if len(stacked) != len(names) or any(name not in stacked for name in names):
+        missing = [name for name in names if name not in stacked]
+        if missing:
+            raise ValueError(f"`stacked` has no entry for the parameters {missing}.")
+        extra = sorted(set(stacked) - set(names))
         raise ValueError(f"`stacked` has entries {extra} that are not parameters of the model.")
+    sizes = [t.shape[0] if t.dim() else 0 for t in map(stacked.__getitem__, names)]
+    n = sizes[0]
+    if (n == 0 and not allow_empty) or sizes.count(n) != len(sizes):
+        _check_sizes(stacked, names, allow_empty)
+
+
+def _check_sizes(stacked: Stacked, names: Sequence[str], allow_empty: bool) -> None:
+    """Raise naming the first entry whose N differs from the first entry's (or is 0)."""
     sizes = {name: stacked[name].shape[0] if stacked[name].dim() else 0 for name in names}
     n = sizes[names[0]]
     for name, size in sizes.items():

@@ -66,6 +66,21 @@ class PlainMean:
         return task_vectors[self.named[0][0]].new_ones(())
 
 
+class PlainListMean:
+    """The unweighted reference for per-task lists: per parameter, ``stack(...).mean(0)``
+    into ``.grad``, step."""
+
+    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+        self.params = params
+        self.optimizer = optimizer
+
+    def step(self, task_vectors: list[list[torch.Tensor]], **_: Any) -> torch.Tensor:
+        for p, param in enumerate(self.params):
+            param.grad = torch.stack([task[p] for task in task_vectors]).mean(0)
+        self.optimizer.step()
+        return self.params[0].new_ones(())
+
+
 VARIANTS = ("reference", "mean", "agreement")
 
 
@@ -176,10 +191,24 @@ def large(args: Any) -> dict[str, float]:
     return out
 
 
+def list_step(variant: str, model: torch.nn.Module) -> PlainListMean | GradientAgreementAggregator:
+    """One variant's outer step for per-task lists (SGD, lr 1e-4)."""
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=1e-4)
+    if variant == "reference":
+        return PlainListMean(params, opt)
+    weighting = Mean() if variant == "mean" else Agreement()
+    return GradientAgreementAggregator(params, opt, weighting=weighting)
+
+
+HOST_FORMS = ("reptile", "maml", "list reptile", "list maml")
+
+
 def host_overhead(args: Any) -> dict[str, float]:
     """Outer steps on 18 parameters of 2 entries each (the conv-4's parameter count), N = 32:
     the arithmetic is negligible, so what is timed is the host's work (Python, dispatch,
-    launches) per step, the part that does not shrink with a faster device."""
+    launches) per step, the part that does not shrink with a faster device. Stacked input
+    (``FuncAgreement``) and per-task lists (the learn2learn and Reptile adapters' form)."""
     device = args.device
     model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(9)]).to(device)
     named = dict(model.named_parameters())
@@ -188,12 +217,20 @@ def host_overhead(args: Any) -> dict[str, float]:
         k: (torch.randn(32, *p.shape, generator=gen) + 0.1).to(device) for k, p in named.items()
     }
     deltas = {k: 0.01 * v for k, v in stacked.items()}
+    lists = [[stacked[k][i] for k in named] for i in range(32)]
+    list_deltas = [[deltas[k][i] for k in named] for i in range(32)]
     runs: dict[str, Callable[[], Any]] = {}
     for form, agreement in (("reptile", None), ("maml", deltas)):
         for variant in VARIANTS:
             step = outer_step(variant, model)
             runs[f"{form} {variant}"] = lambda s=step, a=agreement: s.step(
                 stacked, agreement_vectors=a
+            )
+    for form, list_agreement in (("list reptile", None), ("list maml", list_deltas)):
+        for variant in VARIANTS:
+            aggregator = list_step(variant, model)
+            runs[f"{form} {variant}"] = lambda s=aggregator, a=list_agreement: s.step(
+                lists, agreement_vectors=a
             )
     return interleaved(runs, args.rounds, 20, device)
 
@@ -246,7 +283,7 @@ def main() -> None:
     print("\nHost overhead: 18 parameters of 2 entries, N = 32 (µs per step)")
     print("| form | reference | Mean | Agreement | Mean / ref | Agreement / ref |")
     print("|---|---|---|---|---|---|")
-    for form in ("reptile", "maml"):
+    for form in HOST_FORMS:
         ref, mean, agree = (host[f"{form} {v}"] * 1e3 for v in ("reference", "mean", "agreement"))
         print(
             f"| {form} | {ref:.0f} | {mean:.0f} | {agree:.0f} | {mean / ref:.1f} | "

@@ -373,6 +373,14 @@ def as_task_batch(
         # Shapes and devices must match the parameter (or, without one, the first task that
         # has this parameter); dtypes must agree across tasks but may differ from the
         # parameter's (e.g. fp16 gradients of fp32 weights).
+        present = [vector for task in tasks if (vector := task[p]) is not None]
+        if present and _alike(present, params[p] if params else None):
+            reference = params[p] if params else present[0]
+            shapes.append(reference.shape)
+            dtypes.append(present[0].dtype)
+            devices.append(reference.device)
+            continue
+        # Something is wrong (or no task has the parameter): find what, in task order.
         first: Tensor | None = None
         first_what = ""
         for i, task in enumerate(tasks):
@@ -411,6 +419,21 @@ def as_task_batch(
         dtypes.append(None if first is None else first.dtype)
         devices.append(None if shape_ref is None else shape_ref.device)
     return TaskBatch(tasks=tasks, name=name, shapes=shapes, dtypes=dtypes, devices=devices)
+
+
+def _alike(vectors: Sequence[object], param: Tensor | None) -> bool:
+    """Whether ``vectors`` are floating-point tensors of one dtype, all shaped and placed
+    like ``param`` (or, without one, like the first): the common case, checked in one
+    sweep; the per-entry loop that names the culprit runs only when this is false."""
+    first = vectors[0]
+    if not isinstance(first, Tensor) or not first.is_floating_point():
+        return False
+    reference = first if param is None else param
+    shape, device, dtype = reference.shape, reference.device, first.dtype
+    return all(
+        isinstance(v, Tensor) and v.shape == shape and v.dtype == dtype and v.device == device
+        for v in vectors
+    )
 
 
 def check_gramian(gramian: object, name: str = "gramian") -> Tensor:

@@ -215,12 +215,14 @@ def _packed(batch: TaskBatch, pack: list[int], dtype: torch.dtype) -> Tensor:
             columns = [column.to(dtype) for column in columns]
         return _keep(batch, key, columns[0] if len(columns) == 1 else torch.cat(columns, dim=1))
     columns = []
-    for p in pack:
-        present = [t for task in batch.tasks if (t := task[p]) is not None]
-        zeros = present[0].new_zeros(present[0].shape) if present else None
-        rows = [zeros if t[p] is None else t[p] for t in batch.tasks]
-        matrix = torch.stack(cast(list[Tensor], rows))
-        columns.append(matrix.reshape(batch.num_tasks, -1).to(dtype))
+    for p in pack:  # every packed parameter is present in some task
+        rows = [task[p] for task in batch.tasks]
+        if any(row is None for row in rows):
+            first = next(row for row in rows if row is not None)
+            zeros = first.new_zeros(first.shape)
+            rows = [zeros if row is None else row for row in rows]
+        matrix = torch.stack(cast(list[Tensor], rows)).reshape(batch.num_tasks, -1)
+        columns.append(matrix if matrix.dtype == dtype else matrix.to(dtype))
     return _keep(batch, key, columns[0] if len(columns) == 1 else torch.cat(columns, dim=1))
 
 
@@ -355,6 +357,14 @@ def weighted_blocks(
             )
         return by_dtype[dtype, device]
 
+    scalars: dict[tuple[torch.dtype, torch.device], tuple[Tensor, ...]] = {}
+
+    def scalars_of(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+        """The coefficients as N device scalars (one ``unbind``, not a select per use)."""
+        if (dtype, device) not in scalars:
+            scalars[dtype, device] = cast_to(dtype, device).unbind(0)
+        return scalars[dtype, device]
+
     flats = []
     for pack in plan.packs:
         dtype = acc_dtype or accumulation_dtype(batch.dtypes[pack[0]])  # type: ignore[arg-type]
@@ -370,7 +380,7 @@ def weighted_blocks(
         first = batch.tasks[f][p]
         assert first is not None
         dtype = acc_dtype or accumulation_dtype(first.dtype)
-        scale = floats[f] if host else cast_to(dtype, first.device)[f]
+        scale = floats[f] if host else scalars_of(dtype, first.device)[f]
         out[p] = first.to(dtype) * scale
 
     numels = _numels(batch)
@@ -393,7 +403,7 @@ def weighted_blocks(
             for (dtype, device), members in _by_dtype(out, index).items():
                 # out += task · c_i with c_i a device scalar (broadcast): no value read back
                 # to the host and no temporary the size of the task.
-                c = cast_to(dtype, device)[i]
+                c = scalars_of(dtype, device)[i]
                 torch._foreach_addcmul_(
                     [out[p] for p in members],
                     [cast(Tensor, batch.tasks[i][p]) for p in members],
@@ -408,7 +418,7 @@ def weighted_blocks(
             if host:
                 total.add_(vector, alpha=floats[i])
             else:
-                total.addcmul_(vector, cast_to(total.dtype, total.device)[i])
+                total.addcmul_(vector, scalars_of(total.dtype, total.device)[i])
     return Blocked(batch, plan.packs, flats, out)
 
 
@@ -423,7 +433,9 @@ def _by_dtype(
 
 
 def _flat(t: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
-    flat = t.reshape(-1).to(dtype)
+    flat = t if t.dim() == 1 else t.reshape(-1)
+    if flat.dtype != dtype:
+        flat = flat.to(dtype)
     return flat if scale == 1.0 else flat * scale
 
 
@@ -451,19 +463,19 @@ def dots_with(
             matrix = matrix * scale
         product = matrix @ flat
         scores = product if scores is None else scores + product
-    if plan.singles:
-        device = next(d for d in batch.devices if d is not None)
-        rows: list[Tensor] = []
+    zero: Tensor | None = None
+    for p in plan.singles:  # one dot per task, gathered per parameter
+        total = _flat(sums.singles[p], dtype)
+        terms = []
         for task in batch.tasks:
-            terms = [
-                torch.dot(_flat(mine, dtype, scale), _flat(sums.singles[p], dtype))
-                for p in plan.singles
-                if (mine := task[p]) is not None
-            ]
-            rows.append(
-                torch.stack(terms).sum() if terms else torch.zeros((), dtype=dtype, device=device)
-            )
-        product = torch.stack(rows)
+            mine = task[p]
+            if mine is None:
+                if zero is None:
+                    zero = total.new_zeros(())
+                terms.append(zero)
+            else:
+                terms.append(torch.dot(_flat(mine, dtype, scale), total))
+        product = torch.stack(terms)
         scores = product if scores is None else scores + product
     if scores is None:  # no task on this rank
         device = next(d for d in batch.devices if d is not None)
@@ -536,8 +548,8 @@ def finite_probe(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.de
     if not present:
         return torch.zeros((), dtype=dtype, device=device)
     acc = torch.float32
-    for t in present:
-        acc = promote(acc, t.dtype)
+    for found in {t.dtype for t in present}:
+        acc = promote(acc, found)
     if len(present) <= FEW_TENSORS:
         total = present[0].sum(dtype=acc)
         for t in present[1:]:
@@ -548,15 +560,16 @@ def finite_probe(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.de
 
 
 def finiteness_probe(batch: TaskBatch, dtype: torch.dtype) -> Tensor:
-    """:func:`finite_probe` over every entry of ``batch`` (stacked input: over its packs)."""
+    """:func:`finite_probe` over every entry of ``batch``, read as the foreach plan reads
+    it: each pack of small parameters as one matrix (so per-task lists of many small
+    tensors are a few tensors, not N per parameter), the other parameters per task."""
     device = next(d for d in batch.devices if d is not None)
-    if batch.stacked is not None:
-        tensors = [
-            _packed(batch, pack, cast(torch.dtype, batch.dtypes[pack[0]]))
-            for pack in _plan(batch, True).packs
-        ]
-    else:
-        tensors = [t for task in batch.tasks for t in task if t is not None]
+    plan = _plan(batch, True)
+    tensors = [
+        _packed(batch, pack, cast(torch.dtype, batch.dtypes[pack[0]])) for pack in plan.packs
+    ]
+    if plan.singles:  # (stacked input has none: its per-task rows are never built)
+        tensors += [t for task in batch.tasks for p in plan.singles if (t := task[p]) is not None]
     return finite_probe(tensors, dtype, device)
 
 

@@ -81,6 +81,8 @@ def test_gpu_benchmark_quick() -> None:
         "list",
         "reptile",
         "maml",
+        "list reptile",
+        "list maml",
     ]
     for row in rows[:2]:
         assert all(float(cell) > 0 for cell in row[1:8])

@@ -117,6 +117,42 @@ def test_a_list_step_reads_one_value_back(weighting: Any, form: str) -> None:
     assert counter.ops[SCALAR_READ] == 1, counter.ops[SCALAR_READ]
 
 
+def _list_step_ops(weighting: Any, form: str, n: int) -> Counter[str]:
+    model = _model()
+    gen = torch.Generator().manual_seed(3)
+    shapes = [p.shape for p in model.parameters()]
+    tasks = [[torch.randn(s, generator=gen) + 0.5 for s in shapes] for _ in range(n)]
+    deltas = [[torch.randn(s, generator=gen) + 0.5 for s in shapes] for _ in range(n)]
+    aggregator = GradientAgreementAggregator(model.parameters(), weighting=weighting)
+    extra = {"agreement_vectors": deltas} if form == "maml" else {}
+    aggregator.step(tasks, **extra)
+    with CountOps() as counter:
+        aggregator.step(tasks, **extra)
+    return counter.ops
+
+
+@pytest.mark.parametrize("form", ["reptile", "maml"])
+def test_a_list_step_costs_a_few_ops_per_task(form: str) -> None:
+    """Per-task lists cannot avoid work per task, but it is bounded: the model's one
+    parameter above the packing size (the linear layer's weight) takes, per task, one
+    multi-tensor multiply-add for the update and, for Agreement, one multi-tensor add for
+    the task sum and one dot (with its flattening view) for the scores. The small
+    parameters are packed: per parameter, not per task."""
+    grown = {
+        name: _list_step_ops(weighting, form, 8) - _list_step_ops(weighting, form, 4)
+        for name, weighting in (("mean", Mean()), ("agreement", Agreement()))
+    }
+    assert grown["mean"] == Counter({"aten._foreach_addcmul_.Scalar": 4}), grown["mean"]
+    assert grown["agreement"] == Counter(
+        {
+            "aten._foreach_addcmul_.Scalar": 4,
+            "aten._foreach_add_.List": 4,
+            "aten.dot.default": 4,
+            "aten.view.default": 4,
+        }
+    ), grown["agreement"]
+
+
 def test_reptile_adapter_step_reads_one_value_back() -> None:
     model = _model()
     reptile = AgreementReptile(model, torch.optim.SGD(model.parameters(), lr=0.5))

@@ -23,6 +23,7 @@ __all__ = [
     "check_gramian",
     "check_params",
     "locate_non_finite",
+    "stacked_shape_message",
 ]
 
 
@@ -276,6 +277,16 @@ def _task_stack(
     )
 
 
+def stacked_shape_message(where: str, found: torch.Size, param_shape: torch.Size) -> str:
+    """The message for a stacked tensor ``[N, ...]`` whose trailing shape is not the
+    parameter's (``where`` names it, e.g. "`adapted['w']`")."""
+    return (
+        f"{where} has shape {_shape(found)}; expected "
+        f"[N, {', '.join(map(str, param_shape))}] for a parameter of shape "
+        f"{_shape(param_shape)}."
+    )
+
+
 def _column_error(
     name: str, p: int, column: object, n: int, params: list[Tensor] | None
 ) -> NoReturn:
@@ -296,11 +307,7 @@ def _column_error(
     assert params is not None
     param = params[p]
     if column.shape[1:] != param.shape:
-        raise ValueError(
-            f"{where} has shape {_shape(column.shape)}; expected "
-            f"[N, {', '.join(map(str, param.shape))}] for a parameter of shape "
-            f"{_shape(param.shape)}."
-        )
+        raise ValueError(stacked_shape_message(where, column.shape, param.shape))
     raise ValueError(f"{where} is on device {column.device}; the parameter is on {param.device}.")
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .._aggregator import GradientAgreementAggregator, NonFinitePolicy
-from .._checks import TaskStack
+from .._checks import TaskStack, stacked_shape_message
 from .._weightings import Weighting
 from ._wraps import WrapsAggregator
 
@@ -75,11 +75,7 @@ def reptile_deltas(params: Mapping[str, Tensor], adapted: Stacked) -> dict[str, 
             raise ValueError(f"`adapted` has no entry for the parameter {name!r}.")
         fast = adapted[name]
         if fast.shape[1:] != theta.shape:
-            raise ValueError(
-                f"`adapted[{name!r}]` has shape {tuple(fast.shape)}; expected "
-                f"[N, {', '.join(map(str, theta.shape))}] for a parameter of shape "
-                f"{tuple(theta.shape)}."
-            )
+            raise ValueError(stacked_shape_message(f"`adapted[{name!r}]`", fast.shape, theta.shape))
         deltas[name] = theta.detach().unsqueeze(0) - fast.detach()
     return deltas
 

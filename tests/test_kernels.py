@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,16 +10,19 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ga_optim._checks import as_task_batch
+from ga_optim import TaskStack
+from ga_optim._checks import TaskBatch, as_task_batch
 from ga_optim._kernels import (
     FEW_TENSORS,
     LARGE_NUMEL,
+    PACK_CACHE_ELEMENTS,
     SMALL_NUMEL,
     accumulation_dtype,
     dots_with,
     finite_probe,
     gramian,
     task_sum,
+    weighted_blocks,
     weighted_sum,
 )
 from ga_optim.testing import reference_gramian, task_batches
@@ -131,3 +135,40 @@ def test_finite_probe_accumulates_half_precision_in_float32() -> None:
     many = halves * (FEW_TENSORS + 1)
     assert math.isfinite(float(finite_probe(many, torch.float32, torch.device("cpu"))))
     assert float(finite_probe([], torch.float64, torch.device("cpu"))) == 0.0
+
+
+def _as_if_on(batch: TaskBatch, device: str) -> TaskBatch:
+    """The same batch, described as living on ``device`` (the plan reads only the
+    description; the arithmetic still runs where the tensors are)."""
+    return dataclasses.replace(batch, devices=[torch.device(device)] * batch.num_params, cache={})
+
+
+def test_an_accelerator_packs_a_small_stacked_batch_into_one_matrix() -> None:
+    """On an accelerator a stacked batch of at most PACK_CACHE_ELEMENTS entries in one
+    dtype is one pack (one kernel per pass), large parameters included; above that, or
+    on the CPU, large parameters stay views of their own and the small ones are packed."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(SMALL_NUMEL + 5,), (3, 4), (7,)]
+    small = [torch.randn(4, *s, generator=gen, dtype=torch.float64) for s in shapes]
+    coeffs = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64)
+    expected = [(coeffs.reshape(4, *[1] * len(s)) * c).sum(0) for s, c in zip(shapes, small)]
+    layouts = {}
+    for device in ("cpu", "cuda"):
+        batch = as_task_batch(TaskStack(small))
+        if device != "cpu":
+            batch = _as_if_on(batch, device)
+        blocked = weighted_blocks(batch, coeffs, foreach=True)
+        layouts[device] = len(blocked.flats)
+        for got, want in zip(blocked.params, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert layouts == {"cpu": 2, "cuda": 1}
+    big = [torch.zeros(4, PACK_CACHE_ELEMENTS // 4 + 1), torch.zeros(4, 3), torch.zeros(4, 5)]
+    blocked = weighted_blocks(
+        _as_if_on(as_task_batch(TaskStack(big)), "cuda"), coeffs.float(), foreach=True
+    )
+    assert len(blocked.flats) == 2  # the large parameter alone (a view), the small two packed
+    mixed = [small[0], small[1].float(), small[2]]
+    blocked = weighted_blocks(
+        _as_if_on(as_task_batch(TaskStack(mixed)), "cuda"), coeffs, foreach=True
+    )
+    assert len(blocked.flats) == 3  # two dtypes: no single pack

@@ -1,8 +1,14 @@
 """The two primitives every weighting and aggregator is built from, per parameter.
 
-* :func:`weighted_sum` — ``Σ_i c_i g_i`` for each parameter (the task sum, and the final
-  combination ``Σ_i w_i g_i``);
+* :func:`weighted_sum` — ``Σ_i c_i g_i`` for each parameter (the task sum
+  :func:`task_sum`, and the final combination ``Σ_i w_i g_i``);
 * :func:`dots_with` — ``g_i · s`` for every task, summed over parameters.
+
+Results stay in the blocks they are computed in (:class:`Blocked`: one flat tensor per
+pack of parameters, one tensor per parameter handled alone): the scores read the task
+sum block by block, and a finiteness check (:func:`finite_probe`) reads a few blocks, so
+the per-parameter views are built only for what leaves the module (the update, or what a
+collective sends).
 
 As in ``torch.optim``, two paths are chosen by a ``foreach`` flag and must agree in
 float64:

@@ -264,8 +264,7 @@ class NonNegativeAgreement(Agreement):
     def from_scores(self, scores: Tensor) -> Tensor:
         positive = to_unit_range(scores.clamp(min=0))  # exact; the sum cannot overflow
         total = positive.sum()
-        uniform = torch.full_like(scores, 1.0 / scores.numel())
-        return torch.where(total > 0, positive / total, uniform)
+        return torch.where(total > 0, positive / total, 1.0 / scores.numel())
 
 
 def agreement_weights(

@@ -171,8 +171,7 @@ def signed_normalize(scores: Tensor) -> Tensor:
     """
     scaled = to_unit_range(scores)
     denominator = scaled.abs().sum()
-    uniform = torch.full_like(scores, 1.0 / scores.numel())
-    return torch.where(denominator > 0, scaled / denominator, uniform)
+    return torch.where(denominator > 0, scaled / denominator, 1.0 / scores.numel())
 
 
 def _norm64(t: Tensor) -> Tensor:

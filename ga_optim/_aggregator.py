@@ -457,7 +457,7 @@ class GradientAgreementAggregator:
             t for t, mine in zip(combined, local) if mine is None and t is not None
         ]
         if self._collective.exchanges:
-            self._collective.sum_([t for t in combined if t is not None] + extra)
+            self._collective.sum_(blocked.wire(combined) + extra)
         result = []
         cast_back = False
         for vector, param, dtype in zip(combined, self.params, batch.global_dtypes):

@@ -307,6 +307,32 @@ class Blocked:
             self._params = out
         return self._params
 
+    def wire(self, tensors: Sequence[Tensor | None]) -> list[Tensor]:
+        """``tensors`` (one per parameter: :attr:`params`, with zeros where this rank has
+        no task with the parameter) as a collective should send them: in parameter order,
+        each pack of consecutive parameters as its flat block. The same entries in the
+        same order (ranks that pack differently still agree, since a collective
+        concatenates what it gets), and one contiguous block is reduced in place: no
+        concatenation, no copy back into per-parameter views."""
+        runs = {
+            pack[0]: (len(pack), flat)
+            for pack, flat in zip(self._packs, self.flats)
+            if pack[-1] - pack[0] + 1 == len(pack)  # a pack's indices increase
+        }
+        out: list[Tensor] = []
+        p = 0
+        while p < len(tensors):
+            if p in runs:
+                length, flat = runs[p]
+                out.append(flat)
+                p += length
+                continue
+            tensor = tensors[p]
+            if tensor is not None:
+                out.append(tensor)
+            p += 1
+        return out
+
 
 def weighted_sum(
     batch: TaskBatch,

@@ -148,9 +148,8 @@ def exchanged_scores(
     use_foreach = default_foreach(batch) if foreach is None else foreach
     sums = task_sum(batch, dtype, scale, foreach=use_foreach)
     if collective.exchanges:
-        # Sent per parameter in parameter order (the same on every rank, whatever each
-        # rank's packing); the views write the reduced values back into the blocks.
-        collective.sum_([s for s in materialize(batch, sums.params, dtype) if s is not None])
+        # In parameter order (the same on every rank, whatever each rank's packing).
+        collective.sum_(sums.wire(materialize(batch, sums.params, dtype)))
     local = dots_with(batch, sums, dtype, scale, foreach=use_foreach)
     return collective.gather(local, batch.all_counts)
 

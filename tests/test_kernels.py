@@ -21,6 +21,7 @@ from ga_optim._kernels import (
     dots_with,
     finite_probe,
     gramian,
+    materialize,
     task_sum,
     weighted_blocks,
     weighted_sum,
@@ -172,3 +173,35 @@ def test_an_accelerator_packs_a_small_stacked_batch_into_one_matrix() -> None:
         _as_if_on(as_task_batch(TaskStack(mixed)), "cuda"), coeffs, foreach=True
     )
     assert len(blocked.flats) == 3  # two dtypes: no single pack
+
+
+def test_wire_sends_the_same_entries_in_parameter_order() -> None:
+    """What a collective gets for the task sum is, concatenated, the per-parameter sums in
+    parameter order — whether this rank packs its parameters into one block (then that
+    block alone, reduced in place) or lacks one (views and zeros)."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(4, 3), (4,), (2, 4), (2,)]
+    full = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(3)]
+    lacking = [[None if p == 1 else t for p, t in enumerate(task)] for task in full]
+    params = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    sent = {}
+    for name, tasks in (("full", full), ("lacking", lacking)):
+        batch = as_task_batch(tasks, "task_vectors", params)
+        # Another rank has parameter 1: the collective needs its zeros here.
+        batch = dataclasses.replace(batch, all_dtypes=[torch.float64] * 4, cache={})
+        sums = task_sum(batch, torch.float64, foreach=True)
+        sent[name] = sums.wire(materialize(batch, sums.params, torch.float64))
+        expected = torch.cat(
+            [
+                sum(
+                    (task[p] for task in tasks if task[p] is not None),
+                    torch.zeros(s, dtype=torch.float64),
+                ).reshape(-1)
+                for p, s in enumerate(shapes)
+            ]
+        )
+        got = torch.cat([t.reshape(-1) for t in sent[name]])
+        torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-14)
+        if name == "full":
+            assert len(sent[name]) == 1 and sent[name][0] is sums.flats[0]  # one block
+    assert len(sent["lacking"]) == 4  # packed [0, 2, 3] is not a run: views and zeros

@@ -15,6 +15,10 @@ Then, at N = 32 and P = 1e7 (fp32): Agreement and Mean aggregation of a stacked
 reads of the N × P entries at the device-to-device copy bandwidth measured here (which
 is one copy of the ``[N, P]`` tensor: it reads and writes N × P entries).
 
+Last, what one outer step launches at N = 4 and N = 32 (stacked input, 18 tiny
+parameters): on CUDA the kernels and copies the profiler records on the device, on the CPU
+the top-level operators; the stacked path's count should not depend on N.
+
 Times are medians over rounds (``torch.cuda.synchronize`` around each timed call, each
 round runs every variant ``--inner`` times), after a warm-up. Targets (issue 11, H100):
 aggregation at Omniglot scale ≤ 0.5 ms for either weighting; the Agreement meta-step
@@ -235,6 +239,45 @@ def host_overhead(args: Any) -> dict[str, float]:
     return interleaved(runs, args.rounds, 20, device)
 
 
+def launches(args: Any) -> dict[str, int]:
+    """What one outer step launches, N = 4 and N = 32, stacked input on the 18-parameter
+    model of :func:`host_overhead`: on CUDA the kernels and copies the profiler records on
+    the device; on the CPU the top-level operators. The stacked path's count should not
+    depend on N."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = args.device
+    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(9)]).to(device)
+    counts: dict[str, int] = {}
+    for n in (4, 32):
+        gen = torch.Generator().manual_seed(n)
+        stacked = {
+            k: (torch.randn(n, *p.shape, generator=gen) + 0.1).to(device)
+            for k, p in model.named_parameters()
+        }
+        deltas = {k: 0.01 * v for k, v in stacked.items()}
+        for form, agreement in (("reptile", None), ("maml", deltas)):
+            for variant in VARIANTS:
+                step = outer_step(variant, model)
+                step.step(stacked, agreement_vectors=agreement)  # warm-up
+                sync(device)
+                with profile(activities=[activity]) as prof:
+                    step.step(stacked, agreement_vectors=agreement)
+                    sync(device)
+                if device == "cuda":
+                    found = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+                else:
+                    found = [
+                        e
+                        for e in prof.events()
+                        if e.cpu_parent is None and e.name.startswith("aten::")
+                    ]
+                counts[f"{form} {variant} {n}"] = len(found)
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -289,6 +332,14 @@ def main() -> None:
             f"| {form} | {ref:.0f} | {mean:.0f} | {agree:.0f} | {mean / ref:.1f} | "
             f"{agree / ref:.1f} |"
         )
+    counted = launches(args)
+    what = "CUDA kernels and copies" if args.device == "cuda" else "top-level CPU operators"
+    print(f"\n{what} per outer step (18 parameters of 2 entries), N = 4 / N = 32")
+    print("| form | reference | Mean | Agreement |")
+    print("|---|---|---|---|")
+    for form in ("reptile", "maml"):
+        cells = [f"{counted[f'{form} {v} 4']} / {counted[f'{form} {v} 32']}" for v in VARIANTS]
+        print(f"| {form} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

@@ -108,16 +108,16 @@ def _plan(batch: TaskBatch, foreach: bool) -> _Plan:
     return plan
 
 
-Kind = tuple[torch.dtype | None, torch.device | None]
+_Kind = tuple[torch.dtype | None, torch.device | None]
 
 
 def _small_packs(
-    n: int, numels: Sequence[int], kinds: Sequence[Kind], params: list[int]
+    n: int, numels: Sequence[int], kinds: Sequence[_Kind], params: list[int]
 ) -> tuple[list[list[int]], list[int]]:
     """Small parameters grouped per kind (dtype and device) into packs of at most
     :data:`PACK_ELEMENTS` entries; the others, left out."""
-    groups: dict[Kind, list[list[int]]] = {}
-    used: dict[Kind, int] = {}  # in the last pack
+    groups: dict[_Kind, list[list[int]]] = {}
+    used: dict[_Kind, int] = {}  # in the last pack
     others = []
     for p in params:
         if numels[p] > SMALL_NUMEL or n * numels[p] > PACK_ELEMENTS:
@@ -166,7 +166,7 @@ def _stacked_layout(batch: TaskBatch) -> _Layout:
 
 
 @functools.lru_cache(maxsize=64)
-def _layout_of(n: int, shapes: tuple[torch.Size | None, ...], kinds: tuple[Kind, ...]) -> _Layout:
+def _layout_of(n: int, shapes: tuple[torch.Size | None, ...], kinds: tuple[_Kind, ...]) -> _Layout:
     """Stacked input: every parameter is already an ``[N, numel]`` matrix. On an
     accelerator, where each kernel launch costs more than copying a small batch, a batch
     of at most :data:`PACK_CACHE_ELEMENTS` entries in one dtype and device is one pack

@@ -16,8 +16,10 @@ float64:
 * the per-tensor path: a readable loop, one ``add_`` / ``dot`` per task and parameter;
 * the foreach path: medium parameters go through ``torch._foreach_add_`` over lists of
   tensors, one BLAS dot per task and parameter, never a flat ``N × P`` copy of the model;
-  parameters above :data:`LARGE_NUMEL` elements are summed parameter by parameter, so
-  their output stays in cache across the tasks (measured faster at P = 1e7).
+  on the CPU, parameters above :data:`LARGE_NUMEL` elements are summed parameter by
+  parameter, so their output stays in cache across the tasks (measured faster at
+  P = 1e7); on an accelerator, where a launch costs more than a cache, they join the
+  foreach lists (one launch per task for all of them).
   Small parameters (at most :data:`SMALL_NUMEL` elements), where per-call overhead and
   not memory dominates, are packed per dtype and device into ``[N, k]`` matrices of at
   most :data:`PACK_ELEMENTS` entries and handled by one matmul each (measured in
@@ -66,8 +68,9 @@ PACK_ELEMENTS = 1 << 20
 #: Packs kept for the rest of a call (sum, scores, combination) hold at most this many
 #: entries in all: 16 MiB in float32.
 PACK_CACHE_ELEMENTS = 1 << 22
-#: Parameters above this many elements are summed parameter by parameter even on the foreach
-#: path: one output stays in cache across the N tasks, and per-call overhead is negligible.
+#: On the CPU, parameters above this many elements are summed parameter by parameter even
+#: on the foreach path: one output stays in cache across the N tasks, and per-call overhead
+#: is negligible.
 LARGE_NUMEL = 1 << 20
 
 
@@ -373,7 +376,8 @@ def weighted_blocks(
 ) -> Blocked:
     """:func:`weighted_sum` in the blocks it is computed in: one matrix-vector product per
     pack, a foreach multiply-add per task over the other parameters (or, on the
-    per-tensor path and above :data:`LARGE_NUMEL` elements, one per task and tensor)."""
+    per-tensor path and on the CPU above :data:`LARGE_NUMEL` elements, one per task and
+    tensor)."""
     plan = _plan(batch, foreach and packing)
     given = (
         coeffs if isinstance(coeffs, Tensor) else torch.tensor(list(coeffs), dtype=torch.float64)
@@ -416,8 +420,13 @@ def weighted_blocks(
         out[p] = first.to(dtype) * scale
 
     numels = _numels(batch)
-    lists = [p for p in plan.singles if foreach and numels[p] <= LARGE_NUMEL]
-    loops = [p for p in plan.singles if not (foreach and numels[p] <= LARGE_NUMEL)]
+    devices = batch.devices
+    listed = [
+        foreach and (numels[p] <= LARGE_NUMEL or cast(torch.device, devices[p]).type != "cpu")
+        for p in plan.singles
+    ]
+    lists = [p for p, yes in zip(plan.singles, listed) if yes]
+    loops = [p for p, yes in zip(plan.singles, listed) if not yes]
     if lists:
         for i in range(batch.num_tasks):
             index = [

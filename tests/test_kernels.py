@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ga_optim import TaskStack
 from ga_optim._checks import TaskBatch, as_task_batch
@@ -205,3 +208,42 @@ def test_wire_sends_the_same_entries_in_parameter_order() -> None:
         if name == "full":
             assert len(sent[name]) == 1 and sent[name][0] is sums.flats[0]  # one block
     assert len(sent["lacking"]) == 4  # packed [0, 2, 3] is not a run: views and zeros
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_accelerator_puts_large_parameters_on_the_foreach_lists_too() -> None:
+    """On the CPU a parameter above LARGE_NUMEL is summed tensor by tensor (its output
+    stays in cache); on an accelerator it joins the multi-tensor lists, one launch per
+    task for every unpacked parameter. The same sums either way."""
+    gen = torch.Generator().manual_seed(1)
+    tasks = [
+        [
+            torch.randn(LARGE_NUMEL + 1, generator=gen, dtype=torch.float64),
+            torch.randn(SMALL_NUMEL + 1, generator=gen, dtype=torch.float64),
+        ]
+        for _ in range(3)
+    ]
+    coeffs = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64)
+    expected = [sum(c * task[p] for c, task in zip(coeffs, tasks)) for p in range(2)]
+    counted = {}
+    for device in ("cpu", "cuda"):
+        batch = as_task_batch(tasks)
+        if device != "cpu":
+            batch = _as_if_on(batch, device)
+        with _Ops() as counter:
+            got = weighted_sum(batch, coeffs, foreach=True)
+        counted[device] = counter.ops
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert counted["cpu"]["aten.addcmul_.default"] == 2  # the large one, tasks 1 and 2
+    assert counted["cuda"]["aten.addcmul_.default"] == 0
+    assert counted["cuda"]["aten._foreach_addcmul_.Scalar"] == 2  # both, per task

@@ -15,9 +15,10 @@ Then, at N = 32 and P = 1e7 (fp32): Agreement and Mean aggregation of a stacked
 reads of the N × P entries at the device-to-device copy bandwidth measured here (which
 is one copy of the ``[N, P]`` tensor: it reads and writes N × P entries).
 
-Last, what one outer step launches at N = 4 and N = 32 (stacked input, 18 tiny
-parameters): on CUDA the kernels and copies the profiler records on the device, on the CPU
-the top-level operators; the stacked path's count should not depend on N.
+Last, what one outer step launches at N = 4 and N = 32 (stacked input on 18 tiny
+parameters, and per-task lists of 4 tensors too large to pack): on CUDA the kernels and
+copies the profiler records on the device, on the CPU the top-level operators; the stacked
+path's count should not depend on N, the lists' grows by a few per task.
 
 Times are medians over rounds (``torch.cuda.synchronize`` around each timed call, each
 round runs every variant ``--inner`` times), after a warm-up. Targets (issue 11, H100):
@@ -239,17 +240,21 @@ def host_overhead(args: Any) -> dict[str, float]:
     return interleaved(runs, args.rounds, 20, device)
 
 
-def launches(args: Any) -> dict[str, int]:
-    """What one outer step launches, N = 4 and N = 32, stacked input on the 18-parameter
-    model of :func:`host_overhead`: on CUDA the kernels and copies the profiler records on
-    the device; on the CPU the top-level operators. The stacked path's count should not
-    depend on N."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+#: Per-task lists for the launch count: two tensors above the size up to which
+#: ``ga_optim`` packs parameters (2**14 entries) and two above the size from which the CPU
+#: sums a parameter on its own (2**20), so that none is packed and every per-task launch
+#: shows.
+LIST_SIZES = (2**20 + 1, 2**20 + 1, 2**14 + 1, 2**14 + 1)
 
+
+def launches(args: Any) -> dict[str, int]:
+    """What one outer step launches at N = 4 and N = 32: on CUDA the kernels and copies
+    the profiler records on the device; on the CPU the top-level operators. Stacked input
+    on the 18-parameter model of :func:`host_overhead` (the count should not depend on N),
+    and per-task lists of :data:`LIST_SIZES` (it grows with N: this says by how much)."""
     device = args.device
-    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
     model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(9)]).to(device)
+    big = torch.nn.ParameterList([torch.zeros(s) for s in LIST_SIZES]).to(device)
     counts: dict[str, int] = {}
     for n in (4, 32):
         gen = torch.Generator().manual_seed(n)
@@ -258,24 +263,36 @@ def launches(args: Any) -> dict[str, int]:
             for k, p in model.named_parameters()
         }
         deltas = {k: 0.01 * v for k, v in stacked.items()}
-        for form, agreement in (("reptile", None), ("maml", deltas)):
-            for variant in VARIANTS:
-                step = outer_step(variant, model)
-                step.step(stacked, agreement_vectors=agreement)  # warm-up
-                sync(device)
-                with profile(activities=[activity]) as prof:
-                    step.step(stacked, agreement_vectors=agreement)
-                    sync(device)
-                if device == "cuda":
-                    found = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-                else:
-                    found = [
-                        e
-                        for e in prof.events()
-                        if e.cpu_parent is None and e.name.startswith("aten::")
-                    ]
-                counts[f"{form} {variant} {n}"] = len(found)
+        lists = [[torch.randn(s, generator=gen).to(device) for s in LIST_SIZES] for _ in range(n)]
+        list_deltas = [[0.01 * t for t in task] for task in lists]
+        for variant in VARIANTS:
+            for form, agreement in (("reptile", None), ("maml", deltas)):
+                step: Any = outer_step(variant, model)
+                counts[f"{form} {variant} {n}"] = _count(
+                    lambda s=step, v=stacked, a=agreement: s.step(v, agreement_vectors=a), device
+                )
+            for form, list_agreement in (("list reptile", None), ("list maml", list_deltas)):
+                step = list_step(variant, big)
+                counts[f"{form} {variant} {n}"] = _count(
+                    lambda s=step, v=lists, a=list_agreement: s.step(v, agreement_vectors=a), device
+                )
     return counts
+
+
+def _count(run: Callable[[], object], device: str) -> int:
+    """Launches (CUDA) or top-level operators (CPU) of one call, after a warm-up call."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    sync(device)
+    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        run()
+        sync(device)
+    if device == "cuda":
+        return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return sum(1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
 
 
 def main() -> None:
@@ -334,10 +351,13 @@ def main() -> None:
         )
     counted = launches(args)
     what = "CUDA kernels and copies" if args.device == "cuda" else "top-level CPU operators"
-    print(f"\n{what} per outer step (18 parameters of 2 entries), N = 4 / N = 32")
+    print(
+        f"\n{what} per outer step, N = 4 / N = 32 (stacked: 18 parameters of 2 entries; "
+        f"lists: 4 tensors of {', '.join(map(str, LIST_SIZES))} entries)"
+    )
     print("| form | reference | Mean | Agreement |")
     print("|---|---|---|---|")
-    for form in ("reptile", "maml"):
+    for form in HOST_FORMS:
         cells = [f"{counted[f'{form} {v} 4']} / {counted[f'{form} {v} 32']}" for v in VARIANTS]
         print(f"| {form} | {' | '.join(cells)} |")
 

@@ -19,7 +19,9 @@ float64:
   on the CPU, parameters above :data:`LARGE_NUMEL` elements are summed parameter by
   parameter, so their output stays in cache across the tasks (measured faster at
   P = 1e7); on an accelerator, where a launch costs more than a cache, they join the
-  foreach lists (one launch per task for all of them).
+  foreach lists (one call per task for all of them: a fused kernel for the task sum; the
+  multiply-add by a device scalar, whose 0-d operands PyTorch does not fuse, still
+  launches per tensor inside that call).
   Small parameters (at most :data:`SMALL_NUMEL` elements), where per-call overhead and
   not memory dominates, are packed per dtype and device into ``[N, k]`` matrices of at
   most :data:`PACK_ELEMENTS` entries and handled by one matmul each (measured in

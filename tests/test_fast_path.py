@@ -13,24 +13,14 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ga_optim import Agreement, GradientAgreementAggregator, Mean, NonNegativeAgreement
 from ga_optim.adapters.func import FuncAgreement
 from ga_optim.adapters.reptile import AgreementReptile
 from ga_optim.testing import reference_agreement_weights
+from tests._counting import CountOps
 
 SCALAR_READ = "aten._local_scalar_dense.default"
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _model(device: str = "cpu") -> torch.nn.Module:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
-from typing import Any
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ga_optim import TaskStack
 from ga_optim._checks import TaskBatch, as_task_batch
@@ -30,6 +27,7 @@ from ga_optim._kernels import (
     weighted_sum,
 )
 from ga_optim.testing import reference_gramian, task_batches
+from tests._counting import CountOps
 
 
 @given(task_batches(scales=(1.0, 1e6)), st.data())
@@ -210,16 +208,6 @@ def test_wire_sends_the_same_entries_in_parameter_order() -> None:
     assert len(sent["lacking"]) == 4  # packed [0, 2, 3] is not a run: views and zeros
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_an_accelerator_puts_large_parameters_on_the_foreach_lists_too() -> None:
     """On the CPU a parameter above LARGE_NUMEL is summed tensor by tensor (its output
     stays in cache); on an accelerator it joins the multi-tensor lists, one launch per
@@ -239,7 +227,7 @@ def test_an_accelerator_puts_large_parameters_on_the_foreach_lists_too() -> None
         batch = as_task_batch(tasks)
         if device != "cpu":
             batch = _as_if_on(batch, device)
-        with _Ops() as counter:
+        with CountOps() as counter:
             got = weighted_sum(batch, coeffs, foreach=True)
         counted[device] = counter.ops
         for g, e in zip(got, expected, strict=True):

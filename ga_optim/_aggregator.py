@@ -417,18 +417,18 @@ class GradientAgreementAggregator:
             return None  # the careful path names the weighting
         if weights.dtype != dtype:
             weights = weights.to(dtype)
-        unread = None
+        unread: list[Tensor] = []
         if self.weighting.needs == "count" and measured is not batch:
             if self.non_finite == "raise":
                 # Mean does not read these values: a device probe that is finite exactly
                 # when they are, carried by the update's all-reduce.
-                unread = finiteness_probe(measured, self._update_dtype(batch, dtype)).reshape(1)
-        result, blocks = self._combine(batch, weights, [] if unread is None else [unread])
+                unread.append(
+                    finiteness_probe(measured, self._update_dtype(batch, dtype)).reshape(1)
+                )
+        result, blocks = self._combine(batch, weights, unread)
         # Finite exactly when the weights, the update and the unread values are (barring
         # an overflow of the sums, which only sends the call down the careful path).
-        probe = finite_probe(
-            [weights, *blocks] + ([] if unread is None else [unread]), dtype, device
-        )
+        probe = finite_probe([weights, *blocks, *unread], dtype, device)
         ok = probe * 0 == 0
         if clear is not None:
             ok = ok & clear

@@ -214,16 +214,26 @@ def _stacked_tensor(
                     f"`{name}` is on device {task_vectors.device}; parameter {p} has "
                     f"{param.device}."
                 )
-    return _stacked_batch(columns, shapes, name, n)
+    k = len(columns)
+    dtypes = [task_vectors.dtype if n else None] * k
+    return _stacked_batch(columns, shapes, dtypes, [task_vectors.device] * k, name, n)
 
 
-def _stacked_batch(columns: list[Tensor], shapes: list[torch.Size], name: str, n: int) -> TaskBatch:
+def _stacked_batch(
+    columns: list[Tensor],
+    shapes: list[torch.Size],
+    dtypes: list[torch.dtype | None],
+    devices: list[torch.device | None],
+    name: str,
+    n: int,
+) -> TaskBatch:
+    """Stacked columns ``[N, numel]`` as a batch (``dtypes``: ``None`` for N = 0)."""
     return TaskBatch(
         tasks=_Rows(columns, shapes, n),
         name=name,
         shapes=list(shapes),
-        dtypes=[c.dtype if n else None for c in columns],
-        devices=[c.device for c in columns],
+        dtypes=dtypes,
+        devices=devices,
         stacked=columns,
     )
 
@@ -267,14 +277,7 @@ def _task_stack(
         flat.append(column if len(shape) == 2 else column.reshape(n, inner.numel()))
     if n == 0 and not allow_empty:
         raise ValueError(f"`{name}` should hold at least one task. Found N = 0.")
-    return TaskBatch(
-        tasks=_Rows(flat, shapes, n),
-        name=name,
-        shapes=list(shapes),
-        dtypes=dtypes,
-        devices=devices,
-        stacked=flat,
-    )
+    return _stacked_batch(flat, shapes, dtypes, devices, name, n)
 
 
 def stacked_shape_message(where: str, found: torch.Size, param_shape: torch.Size) -> str:

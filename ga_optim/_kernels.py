@@ -105,7 +105,7 @@ def _plan(batch: TaskBatch, foreach: bool) -> _Plan:
     if key in batch.cache:
         return cast(_Plan, batch.cache[key])
     plan = (
-        _stacked_layout(batch).plan
+        _stacked_plan(batch.num_tasks, tuple(batch.shapes), tuple(zip(batch.dtypes, batch.devices)))
         if foreach and batch.stacked is not None
         else _list_plan(batch, foreach)
     )
@@ -147,62 +147,54 @@ def _list_plan(batch: TaskBatch, foreach: bool) -> _Plan:
     if not foreach:
         return _Plan(packs=[], singles=present, firsts=firsts)
     kinds = list(zip(batch.dtypes, batch.devices))
-    packs, singles = _small_packs(batch.num_tasks, _numels(batch), kinds, present)
+    packs, singles = _small_packs(batch.num_tasks, _sizes(batch).numels, kinds, present)
     return _Plan(packs=packs, singles=singles, firsts=firsts)
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """What a stacked batch's kernels need to know of its shapes, computed once per
-    layout (a training loop passes the same shapes every step)."""
+class _Sizes:
+    """Each parameter's number of elements (0 where no task has it) and its shape as a
+    plain tuple (``view`` parses a tuple faster than a ``torch.Size``)."""
 
     numels: list[int]
     view_shapes: list[tuple[int, ...]]
-    plan: _Plan
-
-
-def _stacked_layout(batch: TaskBatch) -> _Layout:
-    layout = batch.cache.get("layout")
-    if layout is None:
-        layout = batch.cache["layout"] = _layout_of(
-            batch.num_tasks, tuple(batch.shapes), tuple(zip(batch.dtypes, batch.devices))
-        )
-    return cast(_Layout, layout)
 
 
 @functools.lru_cache(maxsize=64)
-def _layout_of(n: int, shapes: tuple[torch.Size | None, ...], kinds: tuple[_Kind, ...]) -> _Layout:
+def _sizes_of(shapes: tuple[torch.Size | None, ...]) -> _Sizes:
+    return _Sizes(
+        numels=[0 if shape is None else shape.numel() for shape in shapes],
+        view_shapes=[() if shape is None else tuple(shape) for shape in shapes],
+    )
+
+
+def _sizes(batch: TaskBatch) -> _Sizes:
+    """The batch's :class:`_Sizes`, once per call (and once per layout across calls)."""
+    sizes = batch.cache.get("sizes")
+    if sizes is None:
+        sizes = batch.cache["sizes"] = _sizes_of(tuple(batch.shapes))
+    return cast(_Sizes, sizes)
+
+
+@functools.lru_cache(maxsize=64)
+def _stacked_plan(n: int, shapes: tuple[torch.Size | None, ...], kinds: tuple[_Kind, ...]) -> _Plan:
     """Stacked input: every parameter is already an ``[N, numel]`` matrix. On an
     accelerator, where each kernel launch costs more than copying a small batch, a batch
     of at most :data:`PACK_CACHE_ELEMENTS` entries in one dtype and device is one pack
     (one copy, kept for the call: each pass is then a single kernel). Otherwise a large
     parameter is a pack of its own (a view, no copy) and small ones are concatenated into
-    packs. Every kernel runs per pack, whatever N is."""
-    numels = [0 if shape is None else shape.numel() for shape in shapes]
-    view_shapes = [() if shape is None else tuple(shape) for shape in shapes]
+    packs. Every kernel runs per pack, whatever N is. Computed once per layout (a
+    training loop passes the same shapes every step)."""
+    numels = _sizes_of(shapes).numels
     present = [p for p, (dtype, _) in enumerate(kinds) if dtype is not None]
     firsts: list[int | None] = [None if dtype is None else 0 for dtype, _ in kinds]
     used = {kinds[p] for p in present}
     entries = n * sum(numels[p] for p in present)
     on_accelerator = all(device is not None and device.type != "cpu" for _, device in used)
     if on_accelerator and len(used) == 1 and len(present) > 1 and entries <= PACK_CACHE_ELEMENTS:
-        plan = _Plan(packs=[present], singles=[], firsts=firsts)
-    else:
-        packs, large = _small_packs(n, numels, kinds, present)
-        plan = _Plan(packs=[[p] for p in large] + packs, singles=[], firsts=firsts)
-    return _Layout(numels=numels, view_shapes=view_shapes, plan=plan)
-
-
-def _numels(batch: TaskBatch) -> list[int]:
-    """Each parameter's number of elements (0 where no task has it), once per call."""
-    if batch.stacked is not None:
-        return _stacked_layout(batch).numels
-    numels = batch.cache.get("numels")
-    if numels is None:
-        numels = batch.cache["numels"] = [
-            0 if shape is None else shape.numel() for shape in batch.shapes
-        ]
-    return cast(list[int], numels)
+        return _Plan(packs=[present], singles=[], firsts=firsts)
+    packs, large = _small_packs(n, numels, kinds, present)
+    return _Plan(packs=[[p] for p in large] + packs, singles=[], firsts=firsts)
 
 
 def _packed(batch: TaskBatch, pack: list[int], dtype: torch.dtype) -> Tensor:
@@ -246,25 +238,13 @@ def _keep(batch: TaskBatch, key: object, packed: Tensor) -> Tensor:
     return packed
 
 
-def _view_shapes(batch: TaskBatch) -> list[tuple[int, ...]]:
-    """Each parameter's shape as a plain tuple (``view`` parses a tuple faster than a
-    ``torch.Size``), once per call."""
-    if batch.stacked is not None:
-        return _stacked_layout(batch).view_shapes
-    shapes = batch.cache.get("view_shapes")
-    if shapes is None:
-        shapes = batch.cache["view_shapes"] = [
-            () if shape is None else tuple(shape) for shape in batch.shapes
-        ]
-    return cast(list[tuple[int, ...]], shapes)
-
-
 def _unpack(batch: TaskBatch, pack: list[int], flat: Tensor) -> list[Tensor]:
     """The pack's flat result ``[k]`` as views shaped like its parameters."""
-    shapes = _view_shapes(batch)
+    sizes = _sizes(batch)
+    shapes = sizes.view_shapes
     if len(pack) == 1:
         return [flat.view(shapes[pack[0]])]
-    numels = _numels(batch)
+    numels = sizes.numels
     chunks = torch.split(flat, [numels[p] for p in pack])
     return [
         chunk if len(shapes[p]) == 1 else chunk.view(shapes[p])  # 1-d: already shaped
@@ -421,7 +401,7 @@ def weighted_blocks(
         scale = floats[f] if host else scalars_of(dtype, first.device)[f]
         out[p] = first.to(dtype) * scale
 
-    numels = _numels(batch)
+    numels = _sizes(batch).numels
     devices = batch.devices
     listed = [
         foreach and (numels[p] <= LARGE_NUMEL or cast(torch.device, devices[p]).type != "cpu")

@@ -210,8 +210,8 @@ def test_wire_sends_the_same_entries_in_parameter_order() -> None:
 
 def test_an_accelerator_puts_large_parameters_on_the_foreach_lists_too() -> None:
     """On the CPU a parameter above LARGE_NUMEL is summed tensor by tensor (its output
-    stays in cache); on an accelerator it joins the multi-tensor lists, one launch per
-    task for every unpacked parameter. The same sums either way."""
+    stays in cache); on an accelerator it joins the multi-tensor lists, one call per task
+    for every unpacked parameter. The same sums either way."""
     gen = torch.Generator().manual_seed(1)
     tasks = [
         [

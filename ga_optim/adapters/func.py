@@ -52,19 +52,13 @@ def _check_names(stacked: Stacked, names: Sequence[str], allow_empty: bool) -> N
     sizes = [t.shape[0] if t.dim() else 0 for t in map(stacked.__getitem__, names)]
     n = sizes[0]
     if (n == 0 and not allow_empty) or sizes.count(n) != len(sizes):
-        _check_sizes(stacked, names, allow_empty)
-
-
-def _check_sizes(stacked: Stacked, names: Sequence[str], allow_empty: bool) -> None:
-    """Raise naming the first entry whose N differs from the first entry's (or is 0)."""
-    sizes = {name: stacked[name].shape[0] if stacked[name].dim() else 0 for name in names}
-    n = sizes[names[0]]
-    for name, size in sizes.items():
-        if size != n or (size == 0 and not allow_empty):
-            raise ValueError(
-                f"`stacked[{name!r}]` has {size} tasks along dimension 0; "
-                f"`stacked[{names[0]!r}]` has {n}. Each entry should be [N, *param.shape]."
-            )
+        # Name the first entry whose N differs from the first entry's (or is 0).
+        for name, size in zip(names, sizes):
+            if size != n or (size == 0 and not allow_empty):
+                raise ValueError(
+                    f"`stacked[{name!r}]` has {size} tasks along dimension 0; "
+                    f"`stacked[{names[0]!r}]` has {n}. Each entry should be [N, *param.shape]."
+                )
 
 
 def reptile_deltas(params: Mapping[str, Tensor], adapted: Stacked) -> dict[str, Tensor]:

@@ -8,7 +8,14 @@ out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
 export PYTHONPATH=$PWD GLOO_SOCKET_IFNAME=lo
 start=$(date +%s)
+# The copyable examples need tqdm, which the GPU machine may lack and cannot download:
+# carry it as a wheel (here: pip download tqdm -d .gpu_wheels; then run this script with
+# carry=[".gpu_wheels"]), installed from that folder only.
+if ! python -c "import tqdm" 2>/dev/null && [ -d .gpu_wheels ]; then
+    python -m pip install -q --no-index --find-links .gpu_wheels tqdm
+fi
 {
+    python -c "import tqdm; print('tqdm', tqdm.__version__)" 2>&1 | tail -1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 } 2>&1 | tee "$out/machine.txt"

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+import ga_optim
+
 from ._examples import EXAMPLES, load_script
 from ._optional import require
 
@@ -161,13 +163,19 @@ def test_example_runs_alone_when_copied_and_its_quick_run_learns(name: str, tmp_
     _needs(name)
     copy = tmp_path / name
     shutil.copy(EXAMPLES / name, copy)
+    # The package under test, and nothing else of the repository, on the copy's path: it
+    # is found whether ga_optim is installed or only on this process's path (as on the
+    # GPU machine, where scripts/gpu_check.sh puts the checkout on PYTHONPATH).
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "ga_optim").symlink_to(Path(ga_optim.__file__).resolve().parent)
     done = subprocess.run(
         [sys.executable, str(copy), "--quick"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PATH": "", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"},
+        env={"PATH": "", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(site)},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     found = re.search(

@@ -578,8 +578,29 @@ def finite_probe(tensors: Sequence[Tensor], dtype: torch.dtype, device: torch.de
         for t in present[1:]:
             total = total + t.sum(dtype=acc)
     else:
-        total = torch.stack(torch._foreach_norm(present, 2, dtype=acc)).sum()
+        total = torch.stack(_norms(present, acc)).sum()
     return total if total.dtype == dtype else total.to(dtype)
+
+
+@functools.cache
+def _foreach_norm_takes_dtype() -> bool:
+    """Whether this torch's ``_foreach_norm`` accepts ``dtype=`` (older ones do not)."""
+    try:
+        torch._foreach_norm([torch.zeros(1)], 2, dtype=torch.float32)
+    except TypeError:
+        return False
+    return True
+
+
+def _norms(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """The 2-norm of each tensor, accumulated in ``dtype``: one multi-tensor reduction (on
+    a torch whose ``_foreach_norm`` takes no ``dtype``, only when every tensor is already in
+    ``dtype``; else one reduction per tensor)."""
+    if all(t.dtype == dtype for t in tensors):
+        return list(torch._foreach_norm(tensors, 2))
+    if _foreach_norm_takes_dtype():
+        return list(torch._foreach_norm(tensors, 2, dtype=dtype))
+    return [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
 
 
 def finiteness_probe(batch: TaskBatch, dtype: torch.dtype) -> Tensor:

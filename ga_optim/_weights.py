@@ -159,7 +159,9 @@ def to_unit_range(values: Tensor) -> Tensor:
     ``[0.5, 1)``: exact (so sums that cancel still do), and their sum cannot overflow.
     On the device, with no value read back to the host; all zeros stay zeros."""
     _, exponent = torch.frexp(values.abs().amax())
-    return torch.ldexp(values, -exponent)
+    # The exponent as a float of ``values``' dtype: before torch 2.2 (or so) ``ldexp``
+    # with an integer exponent raised 2 to it in float32, which overflows beyond 2**127.
+    return torch.ldexp(values, exponent.to(values.dtype).neg())
 
 
 def signed_normalize(scores: Tensor) -> Tensor:

@@ -93,7 +93,7 @@ def test_gpu_benchmark_quick() -> None:
         assert all(float(t) > 0 for t in row[8].split(" / "))
     for row in rows[2:8]:
         assert all(math.isfinite(float(cell)) and float(cell) > 0 for cell in row[1:])
-    # Launches per step, N = 4 / N = 32 (top-level operators on the CPU): the stacked
+    # Launches per step, N = 4 / N = 32 (dispatched operators on the CPU): the stacked
     # path's count does not depend on N, for the reference and both weightings; with
     # per-task lists of unpacked tensors Mean and Agreement take more for more tasks (the
     # reference's per-parameter `stack` is one operator whatever N).

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ga_optim import TaskStack
+from ga_optim import TaskStack, _kernels
 from ga_optim._checks import TaskBatch, as_task_batch
 from ga_optim._kernels import (
     FEW_TENSORS,
@@ -114,9 +114,20 @@ def test_each_size_regime_matches_the_per_tensor_path(numel: int) -> None:
         torch.testing.assert_close(scores, expected_scores, rtol=1e-10, atol=1e-10)
 
 
+@pytest.fixture(params=["current", "older"])
+def torch_age(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run as on this torch, and as on one whose ``_foreach_norm`` takes no ``dtype``
+    (before 2.2 or so: mixed dtypes then take one norm per tensor)."""
+    if request.param == "older":
+        monkeypatch.setattr(_kernels, "_foreach_norm_takes_dtype", lambda: False)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("count", [1, FEW_TENSORS, FEW_TENSORS + 3], ids=["one", "few", "many"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_finite_probe_is_finite_exactly_when_every_entry_is(count: int, bad: float) -> None:
+def test_finite_probe_is_finite_exactly_when_every_entry_is(
+    count: int, bad: float, torch_age: str
+) -> None:
     gen = torch.Generator().manual_seed(count)
     dtypes = [torch.float16, torch.float32, torch.float64]
     tensors = [torch.randn(3 + k, generator=gen).to(dtypes[k % 3]) * 100 for k in range(count)] + [
@@ -130,7 +141,7 @@ def test_finite_probe_is_finite_exactly_when_every_entry_is(count: int, bad: flo
         assert not math.isfinite(float(finite_probe(spoiled, torch.float32, torch.device("cpu"))))
 
 
-def test_finite_probe_accumulates_half_precision_in_float32() -> None:
+def test_finite_probe_accumulates_half_precision_in_float32(torch_age: str) -> None:
     # 1000 entries of 1000 sum to 1e6, far above fp16's 65504: no false alarm.
     halves = [torch.full((1000,), 1000.0, dtype=torch.float16)]
     assert float(finite_probe(halves, torch.float32, torch.device("cpu"))) == 1e6

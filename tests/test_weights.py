@@ -125,9 +125,20 @@ def test_float64_huge_scale() -> None:
     torch.testing.assert_close(agreement_weights(base * 1e200), reference_agreement_weights(base))
 
 
+@pytest.mark.parametrize("exponent", [-530, -500, -430, -200, -64, 0, 64, 250, 500, 511])
+def test_weights_do_not_depend_on_the_magnitude(exponent: int) -> None:
+    """Tasks ``[3, 1]·2**e`` weigh ``[3/4, 1/4]`` exactly, for scores ``12·2**2e`` anywhere
+    in float64's range: below tiny/eps (rescaled), tiny but normal (normalized by a large
+    power of two: torch 2.1's ``ldexp`` overflowed there and gave NaN), and near overflow."""
+    batch = [[torch.tensor([math.ldexp(c, exponent)], dtype=torch.float64)] for c in (3.0, 1.0)]
+    assert agreement_weights(batch).tolist() == [0.75, 0.25]
+
+
 @given(task_batches())
 @example([[torch.tensor([1.0, 0.0], dtype=torch.float64)]] * 3)
 @example([[torch.zeros(2, dtype=torch.float64)]] * 2)
+# torch 2.1 gave NaN here (its ldexp raised 2 to an integer exponent in float32)
+@example([[torch.tensor(1.6604e-127, dtype=torch.float64)]] * 2)
 def test_matches_float64_gram_formula(batch: list[list[torch.Tensor]]) -> None:
     weights = agreement_weights(batch)
     expected = reference_agreement_weights(batch)

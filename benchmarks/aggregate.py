@@ -2,8 +2,7 @@
 
 For each meta-batch size N and model size P (fp32, split over 4 parameter tensors of
 50/30/15/5 % of P), it times ``GradientAgreementAggregator.aggregate`` with ``Agreement``
-(foreach and per-tensor kernels) and with ``Mean``, plus two reference implementations that
-are *not* in the library:
+and with ``Mean``, plus two reference implementations that are *not* in the library:
 
 * stacked: per parameter, copy the N task tensors into one [N, numel] matrix, then
   ``s = M.sum(0)``, ``r = M @ s``, ``update = wᵀ M`` (the "one N×P copy" design);
@@ -183,7 +182,7 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, device {args.device}"
     )
     header = (
-        "| N | P | mean ms | agreement ms | per-tensor ms | stacked ms | pairwise ms "
+        "| N | P | mean ms | agreement ms | stacked ms | pairwise ms "
         "| agreement/mean | stacked/mean | pairwise/agreement | extra memory (P-buffers) |"
     )
     print(header)
@@ -193,11 +192,9 @@ def main() -> None:
         for n in ns:
             params, tasks = make_case(n, p, args.device)
             agreement = GradientAgreementAggregator(params)
-            per_tensor = GradientAgreementAggregator(params, foreach=False)
             mean = GradientAgreementAggregator(params, weighting=Mean())
             t_mean = timeit(mean.aggregate, tasks, repeats, args.device)
             t_agree = timeit(agreement.aggregate, tasks, repeats, args.device)
-            t_loop = timeit(per_tensor.aggregate, tasks, repeats, args.device)
             t_stack = timeit(stacked, tasks, repeats, args.device)
             t_pair = (
                 timeit(pairwise, tasks, max(1, repeats // 2), args.device)
@@ -216,7 +213,6 @@ def main() -> None:
                 "P": p,
                 "mean_ms": t_mean,
                 "agreement_ms": t_agree,
-                "per_tensor_ms": t_loop,
                 "stacked_ms": t_stack,
                 "pairwise_ms": t_pair,
                 "agreement_over_mean": t_agree / t_mean,
@@ -226,7 +222,7 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"| {n} | {p:.0e} | {t_mean:.2f} | {t_agree:.2f} | {t_loop:.2f} | {t_stack:.2f} "
+                f"| {n} | {p:.0e} | {t_mean:.2f} | {t_agree:.2f} | {t_stack:.2f} "
                 f"| {t_pair:.1f} | {row['agreement_over_mean']:.2f} | "
                 f"{row['stacked_over_mean']:.2f} | {row['pairwise_over_agreement']:.1f} "
                 f"| {memory:.2f} |",

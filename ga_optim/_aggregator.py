@@ -1,8 +1,18 @@
-"""The aggregator: weight a meta-batch of task vectors, combine them, step an optimizer."""
+"""The aggregator: weight a meta-batch of task vectors, combine them, step an optimizer.
+
+One path for every input form: the validated input (:mod:`ga_optim._checks`) is packed
+into the task matrix ``J [N, P]`` (:mod:`ga_optim._matrix`), the weighting reads its
+statistic (:mod:`ga_optim._statistics`), and the update ``u = Jᵀw`` is one matrix-vector
+product into a flat buffer whose views become the parameters' ``.grad``. One value is read
+back to the host per call: a flag that is up when everything read and produced is finite
+and the scores are clear of underflow. When it is down, the same computation reruns with a
+check after each stage (GradScaler's ``found_inf`` discipline): it names the rank, task and
+parameter of a non-finite input, or recomputes the scores in float64 on the matrix scaled
+by a power of two.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -11,30 +21,17 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._checks import (
-    NonFiniteError,
-    TaskBatch,
-    as_task_batch,
-    check_gramian,
-    check_params,
-    locate_non_finite,
-)
+from ._checks import Tasks, as_tasks, check_gramian, check_params
 from ._collective import code_dtype, dtype_code, make_collective
-from ._kernels import (
-    accumulation_dtype,
-    default_foreach,
-    finite_probe,
-    finiteness_probe,
-    materialize,
-    weighted_blocks,
-)
-from ._weightings import Agreement, Weighting, weights_of_batch
-from ._weights import exchanged_scores, task_cosines, uniform_weights, weights_dtype_device
+from ._matrix import Layout, Rows, accumulation_dtype, locate_non_finite, pack
+from ._statistics import cosines, statistic, unit_scale
+from ._weightings import Agreement, Weighting
 
-__all__ = ["AgreementDiagnostics", "GradientAgreementAggregator", "NonFinitePolicy"]
+__all__ = ["AgreementDiagnostics", "GradientAgreementAggregator", "NonFinitePolicy", "weights_of"]
 
 #: What a call does with NaN/Inf values: raise (default) or let them reach ``.grad``.
 NonFinitePolicy = Literal["raise", "propagate"]
+_Mode = Literal["weights", "aggregate", "step"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +87,6 @@ class GradientAgreementAggregator:
         optimizer: the outer optimizer; every parameter must be in one of its groups. With
             ``None``, :meth:`step` writes ``.grad`` and leaves the stepping to the caller.
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
-        foreach: use ``torch._foreach_*`` kernels (default) or the per-tensor loop.
         track_cosines: record each task's cosine with the mean update in
             :attr:`last_diagnostics` (one more pass over the vectors).
         non_finite: ``"raise"`` (default): NaN/Inf in the vectors raise
@@ -149,7 +145,6 @@ class GradientAgreementAggregator:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         weighting: Weighting | None = None,
-        foreach: bool | None = None,
         track_cosines: bool = False,
         non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
@@ -160,6 +155,11 @@ class GradientAgreementAggregator:
                 raise ValueError(
                     f"`params[{p}]` should be a leaf tensor (a parameter). Found a non-leaf "
                     "tensor; an optimizer cannot update it."
+                )
+            if param.device != self.params[0].device:
+                raise ValueError(
+                    f"`params[{p}]` is on device {param.device}; `params[0]` is on "
+                    f"{self.params[0].device}. ga_optim keeps a meta-batch on one device."
                 )
         if optimizer is not None:
             if not hasattr(optimizer, "step") or not hasattr(optimizer, "param_groups"):
@@ -191,18 +191,19 @@ class GradientAgreementAggregator:
                 "it needs `optimizer=None` (step through `scaler.step(optimizer)`), or the "
                 "optimizer would step on them."
             )
-        if foreach is not None and not isinstance(foreach, bool):
-            raise TypeError(f"`foreach` should be a bool or None. Found `{foreach!r}`.")
         self._collective = make_collective(process_group)
         self.process_group = process_group
         self.optimizer = optimizer
         self.weighting = weighting
-        self.foreach = foreach
         self.track_cosines = bool(track_cosines)
         self.non_finite: NonFinitePolicy = non_finite
         self.num_steps = 0
         self.last_weights: Tensor | None = None
         self.last_diagnostics: AgreementDiagnostics | None = None
+        self.layout = Layout([param.shape for param in self.params])
+        self._rows: dict[tuple[str, torch.dtype], Rows] = {}  # packing space for lists
+        self._updates: dict[torch.dtype, list[tuple[Tensor, list[Tensor]]]] = {}
+        self._turn = 0  # which of the two update buffers the next step writes
 
     def __repr__(self) -> str:
         opt = type(self.optimizer).__name__ if self.optimizer is not None else None
@@ -211,67 +212,58 @@ class GradientAgreementAggregator:
             f"params={len(self.params)})"
         )
 
-    # -- the three levels: weights, aggregate, step -------------------------------------
-
     @property
     def distributed(self) -> bool:
         """Whether the meta-batch is spread over a process group."""
         return self.process_group is not None
 
-    def _foreach(self, batch: TaskBatch) -> bool:
-        return default_foreach(batch) if self.foreach is None else self.foreach
-
-    def _local(
-        self, task_vectors: object, agreement_vectors: object, gramian: Tensor | None
-    ) -> tuple[TaskBatch, TaskBatch]:
-        """This rank's input, validated: the vectors to combine and those to measure."""
-        if gramian is not None and self.distributed:
-            raise ValueError(
-                "`gramian` cannot be given with a `process_group`: each rank holds only its "
-                "own tasks. Pass the task vectors; a weighting that needs the Gramian gets "
-                "it assembled across ranks."
-            )
-        if agreement_vectors is not None and gramian is not None:
-            raise TypeError("Pass at most one of `agreement_vectors` and `gramian`.")
-        empty = self.distributed
-        batch = as_task_batch(task_vectors, "task_vectors", self.params, allow_empty=empty)
-        measured = batch
-        if agreement_vectors is not None:
-            measured = as_task_batch(
-                agreement_vectors, "agreement_vectors", self.params, allow_empty=empty
-            )
-            if measured.num_tasks != batch.num_tasks:
-                raise ValueError(
-                    f"`agreement_vectors` holds {measured.num_tasks} tasks; `task_vectors` "
-                    f"holds {batch.num_tasks}. Both must describe the same meta-batch."
-                )
-        return batch, measured
+    # -- the boundary: validate this rank's input, agree with every rank -----------------
 
     def _prepare(
         self, task_vectors: object, agreement_vectors: object, gramian: Tensor | None
-    ) -> tuple[TaskBatch, TaskBatch]:
+    ) -> _Call:
         """Validate this rank's input; in a process group, agree with every rank (one small
         all-reduce) so that bad input anywhere raises everywhere, before any arithmetic."""
-        if not self.distributed:
-            return self._local(task_vectors, agreement_vectors, gramian)
         error: Exception | None = None
-        signature: list[int] = [0] * (2 + 2 * len(self.params))
         try:
-            batch, measured = self._local(task_vectors, agreement_vectors, gramian)
+            if gramian is not None and self.distributed:
+                raise ValueError(
+                    "`gramian` cannot be given with a `process_group`: each rank holds only "
+                    "its own tasks. Pass the task vectors; a weighting that needs the "
+                    "Gramian gets it assembled across ranks."
+                )
+            if agreement_vectors is not None and gramian is not None:
+                raise TypeError("Pass at most one of `agreement_vectors` and `gramian`.")
+            empty = self.distributed
+            tasks = as_tasks(task_vectors, "task_vectors", self.params, allow_empty=empty)
+            measured = tasks
+            if agreement_vectors is not None:
+                measured = as_tasks(
+                    agreement_vectors, "agreement_vectors", self.params, allow_empty=empty
+                )
+                if measured.num_tasks != tasks.num_tasks:
+                    raise ValueError(
+                        f"`agreement_vectors` holds {measured.num_tasks} tasks; "
+                        f"`task_vectors` holds {tasks.num_tasks}. Both must describe the "
+                        "same meta-batch."
+                    )
+        except (TypeError, ValueError) as found:
+            if not self.distributed:
+                raise
+            error = found
+        if not self.distributed:
+            return _Call(tasks, measured, (tasks.num_tasks,), 0, tasks.dtypes, measured.dtypes)
+        signature = [0] * (2 + 2 * len(self.params))
+        if error is None:
             signature = [
-                batch.num_tasks,
+                tasks.num_tasks,
                 int(agreement_vectors is not None),
-                *map(dtype_code, batch.dtypes),
+                *map(dtype_code, tasks.dtypes),
                 *map(dtype_code, measured.dtypes),
             ]
-        except (TypeError, ValueError) as found:
-            error = found
-        rows = self._collective.agree(error, signature)
-        return self._merge(rows, batch, measured)
+        return self._merge(self._collective.agree(error, signature), tasks, measured)
 
-    def _merge(
-        self, rows: list[list[int]], batch: TaskBatch, measured: TaskBatch
-    ) -> tuple[TaskBatch, TaskBatch]:
+    def _merge(self, rows: list[list[int]], tasks: Tasks, measured: Tasks) -> _Call:
         """Every rank's signature → the global view (the same on every rank, so any error
         raised here is raised everywhere)."""
         world = len(rows)
@@ -289,11 +281,8 @@ class GradientAgreementAggregator:
                 "not: every rank should call with the same form (MAML or Reptile)."
             )
         n_params = len(self.params)
-        merged = []
-        for what, (local, column) in {
-            "task_vectors": (batch, 2),
-            "agreement_vectors": (measured, 2 + n_params),
-        }.items():
+        merged: list[tuple[torch.dtype | None, ...]] = []
+        for what, column in (("task_vectors", 2), ("agreement_vectors", 2 + n_params)):
             dtypes: list[torch.dtype | None] = []
             for p in range(n_params):
                 codes = {r: row[column + p] for r, row in enumerate(rows) if row[column + p]}
@@ -308,58 +297,182 @@ class GradientAgreementAggregator:
                         "dtypes."
                     )
                 dtypes.append(code_dtype(next(iter(codes.values()))) if codes else None)
-            merged.append(
-                dataclasses.replace(
-                    local,
-                    all_dtypes=dtypes,
-                    counts=counts,
-                    first_task=sum(counts[: self._collective.rank]),
-                    cache={},  # what was kept was computed for this rank alone
-                )
-            )
-        if measured is batch:
-            return merged[0], merged[0]
-        return merged[0], merged[1]
+            merged.append(tuple(dtypes))
+        first = sum(counts[: self._collective.rank])
+        return _Call(tasks, measured, counts, first, merged[0], merged[1])
 
-    def _weights_of(self, measured: TaskBatch, gramian: Tensor | None) -> Tensor:
-        """The weighting applied to ``measured`` (every rank's tasks) or to ``gramian``;
-        with ``non_finite="propagate"``, NaN weights where a value they read is not finite
-        (the error that says so is raised on every rank alike, so all ranks agree)."""
-        try:
-            weights = self._weighting_of(measured, gramian)
-        except NonFiniteError:
-            if self.non_finite == "raise":
-                raise
-            return torch.full_like(uniform_weights(measured), math.nan)
-        if weights.shape != (measured.total_tasks,):
-            raise ValueError(
-                f"{self.weighting!r} returned weights of shape {tuple(weights.shape)}; "
-                f"expected ({measured.total_tasks},)."
-            )
-        if not bool(torch.isfinite(weights).all()):
-            raise ValueError(
-                f"{self.weighting!r} returned non-finite weights {weights.tolist()} from "
-                "finite input."
-            )
-        return weights
+    # -- one computation: pack, statistic, weights, update, one flag ---------------------
 
-    def _weighting_of(self, measured: TaskBatch, gramian: Tensor | None) -> Tensor:
-        if gramian is not None:
-            checked = check_gramian(gramian)
-            if checked.shape[0] != measured.num_tasks:
-                raise ValueError(
-                    f"`gramian` is {tuple(checked.shape)}; `task_vectors` holds "
-                    f"{measured.num_tasks} tasks, so expected "
-                    f"({measured.num_tasks}, {measured.num_tasks})."
-                )
-            return self.weighting.from_gramian(checked)
-        return weights_of_batch(
-            self.weighting,
-            measured,
-            foreach=self._foreach(measured),
-            collective=self._collective,
-            check_unread=self.non_finite == "raise",
+    def _pack(self, tasks: Tasks, dtypes: tuple[torch.dtype | None, ...]) -> Tensor:
+        dtype = accumulation_dtype(dtypes)
+        key = (tasks.name, dtype)
+        if tasks.form != "matrix" and key not in self._rows:
+            self._rows[key] = Rows(self.layout, dtype, self.params[0].device)
+        return pack(tasks, self.layout, dtype, self._rows.get(key))
+
+    def _weigh(self, stat: Tensor, needs: str, dtype: torch.dtype) -> Tensor:
+        weights = (
+            self.weighting.from_gramian(stat)
+            if needs == "gramian"
+            else self.weighting.from_scores(stat)
         )
+        return weights if weights.dtype == dtype else weights.to(dtype)
+
+    def _outputs(
+        self, update: Tensor, mode: _Mode, call: _Call, views: list[Tensor] | None
+    ) -> list[Tensor]:
+        """The update per parameter: views of ``update`` where the dtype is the one wanted
+        (the vectors' for aggregate, the parameter's for step), casts elsewhere."""
+        parts = views if views is not None else self.layout.split(update)
+        wanted = (
+            [p.dtype for p in self.params]
+            if mode == "step"
+            else [d or p.dtype for d, p in zip(call.dtypes, self.params)]
+        )
+        return [
+            part if part.dtype == dtype else part.to(dtype) for part, dtype in zip(parts, wanted)
+        ]
+
+    def _run(self, call: _Call, gramian: Tensor | None, mode: _Mode) -> _Result:
+        """The call's weights and update, with one value read back; :meth:`_careful` when
+        the flag is down."""
+        collective = self._collective
+        n = sum(call.counts)
+        matrix = self._pack(call.tasks, call.dtypes)
+        measured = (
+            matrix
+            if call.measured is call.tasks
+            else self._pack(call.measured, call.measured_dtypes)
+        )
+        needs = "gramian" if gramian is not None else self.weighting.needs
+        if gramian is not None:
+            stat = check_gramian(gramian)
+            if stat.shape[0] != n:
+                raise ValueError(
+                    f"`gramian` is {tuple(stat.shape)}; `task_vectors` holds {n} tasks, so "
+                    f"expected ({n}, {n})."
+                )
+            weights = self.weighting.from_gramian(stat)
+        else:
+            stat = statistic(measured, needs, collective, call.counts)
+            weights = self._weigh(stat, needs, measured.dtype)
+        if weights.shape != (n,):
+            return self._careful(call, matrix, measured, gramian, mode)
+        probes: list[Tensor] = [] if needs == "count" else [stat.sum()]
+        unread: list[Tensor] = []
+        if (
+            needs == "count"
+            and self.non_finite == "raise"
+            and (measured is not matrix or mode == "weights")
+        ):
+            unread.append(measured.sum().reshape(1))  # finite exactly when the values are
+        update, outputs = None, None
+        if mode != "weights":
+            update, outputs = self._combine(matrix, weights, call, mode, unread)
+            probes.append(update.sum())
+            probes += [o.sum() for o in outputs if o.dtype.itemsize < update.dtype.itemsize]
+        elif unread:
+            collective.sum_(unread)
+        flag = torch.isfinite(torch.stack([*probes, *(u[0] for u in unread)]).sum())
+        if needs == "scores":
+            info = torch.finfo(stat.dtype)
+            flag = flag & (stat.abs().amax() >= info.tiny / info.eps)
+        if not bool(flag):  # the one value read back to the host
+            return self._careful(call, matrix, measured, gramian, mode)
+        return self._result(call, measured, weights, update, outputs)
+
+    def _combine(
+        self, matrix: Tensor, weights: Tensor, call: _Call, mode: _Mode, extra: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``u = Jᵀw`` over every rank's tasks (this rank's share, all-reduced with the
+        ``extra`` tensors riding along), and its parts per parameter."""
+        local = weights[call.first : call.first + matrix.shape[0]] if self.distributed else weights
+        if local.dtype != matrix.dtype:
+            local = local.to(matrix.dtype)
+        into, views = None, None
+        if mode == "step":
+            into, views = self._update_buffer(matrix.dtype)
+        update = torch.mv(matrix.T, local, out=into)
+        if self._collective.exchanges:
+            self._collective.sum_([update, *extra])
+        return update, self._outputs(update, mode, call, views)
+
+    def _update_buffer(self, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+        """The flat update buffer that no parameter's ``.grad`` views now (two alternate,
+        so a call that raises leaves the ``.grad`` of the last step as it was)."""
+        if dtype not in self._updates:
+            device = self.params[0].device
+            flats = [torch.empty(self.layout.width, dtype=dtype, device=device) for _ in range(2)]
+            self._updates[dtype] = [(flat, self.layout.split(flat)) for flat in flats]
+        return self._updates[dtype][self._turn]
+
+    def _careful(
+        self, call: _Call, matrix: Tensor, measured: Tensor, gramian: Tensor | None, mode: _Mode
+    ) -> _Result:
+        """The same computation with a check after each stage: raises (on every rank)
+        naming the rank, task and parameter of a non-finite value; rescales scores that
+        over- or underflow; names a weighting whose weights are wrong."""
+        collective = self._collective
+        n = sum(call.counts)
+        needs = "gramian" if gramian is not None else self.weighting.needs
+        if self.non_finite == "raise":
+
+            def find() -> None:
+                locate_non_finite(matrix, self.layout, call.tasks.name)
+                locate_non_finite(measured, self.layout, call.measured.name)
+
+            collective.raise_together(find)
+            unreadable = False
+        else:
+            bad = (~torch.isfinite(measured)).any().double().reshape(1)
+            collective.max_(bad)
+            unreadable = needs != "count" and bool(bad)
+        if unreadable:  # the weights read a non-finite value: they and the update are NaN
+            weights = torch.full((n,), math.nan, dtype=measured.dtype, device=measured.device)
+        elif gramian is not None:
+            weights = self.weighting.from_gramian(check_gramian(gramian))
+        else:
+            source = measured
+            if needs == "scores":  # exact: a power of two, in float64
+                source = measured.double() * unit_scale(measured, collective)
+            weights = self._weigh(
+                statistic(source, needs, collective, call.counts), needs, measured.dtype
+            )
+            if weights.shape != (n,):
+                raise ValueError(
+                    f"{self.weighting!r} returned weights of shape {tuple(weights.shape)}; "
+                    f"expected ({n},)."
+                )
+            if not bool(torch.isfinite(weights).all()):
+                raise ValueError(
+                    f"{self.weighting!r} returned non-finite weights {weights.tolist()} "
+                    "from finite input."
+                )
+        update, outputs = None, None
+        if mode != "weights":
+            update, outputs = self._combine(matrix, weights, call, mode, [])
+            finite = all(bool(torch.isfinite(t).all()) for t in [update, *outputs])
+            if not finite and self.non_finite == "raise":
+                raise ValueError(
+                    "The weighted sum of `task_vectors` overflowed its dtype "
+                    f"({update.dtype}); rescale the vectors or use a wider dtype."
+                )
+        return self._result(call, measured, weights, update, outputs)
+
+    def _result(
+        self,
+        call: _Call,
+        measured: Tensor,
+        weights: Tensor,
+        update: Tensor | None,
+        outputs: list[Tensor] | None,
+    ) -> _Result:
+        collective = self._collective
+        found = cosines(measured, collective, call.counts) if self.track_cosines else None
+        diagnostics = AgreementDiagnostics(weights, found, collective.bytes_sent)
+        return _Result(weights, outputs, diagnostics)
+
+    # -- the three levels: weights, aggregate, step -------------------------------------
 
     def weights(self, task_vectors: object = None, *, gramian: Tensor | None = None) -> Tensor:
         """The weights ``[N]`` of ``task_vectors`` (shaped like ``params``) or of a Gramian.
@@ -376,137 +489,14 @@ class GradientAgreementAggregator:
             return self.weighting.weights(gramian=gramian)
         self._collective.reset_bytes()
         with torch.no_grad():
-            _, measured = self._prepare(task_vectors, None, None)
-            return self._weights_of(measured, None)
+            return self._run(self._prepare(task_vectors, None, None), None, "weights").weights
 
-    def _aggregate(
-        self,
-        task_vectors: object,
-        agreement_vectors: object,
-        gramian: Tensor | None,
-    ) -> tuple[list[Tensor], Tensor, AgreementDiagnostics]:
+    def _call(
+        self, task_vectors: object, agreement_vectors: object, gramian: Tensor | None, mode: _Mode
+    ) -> _Result:
         self._collective.reset_bytes()
-        batch, measured = self._prepare(task_vectors, agreement_vectors, gramian)
-        if gramian is None and self.weighting.needs in ("count", "scores"):
-            fast = self._fast(batch, measured)
-            if fast is not None:
-                return fast
-        return self._careful(batch, measured, gramian)
-
-    def _fast(
-        self, batch: TaskBatch, measured: TaskBatch
-    ) -> tuple[list[Tensor], Tensor, AgreementDiagnostics] | None:
-        """The whole call as device arithmetic and one value read back to the host: a
-        flag over everything read and produced (scores clear of underflow; finite weights
-        and update, and, for ``Mean`` with ``agreement_vectors``, finite values it does
-        not otherwise read). ``None`` when the flag is down: then :meth:`_careful` redoes
-        the call, raising with the culprit's task and parameter or rescaling. In a process
-        group the flag is read from reduced values, so every rank agrees."""
-        collective = self._collective
-        dtype, device = weights_dtype_device(measured)
-        n = measured.total_tasks
-        clear: Tensor | None = None  # the scores are clear of underflow
-        if self.weighting.needs == "count":
-            scores = torch.zeros(n, dtype=dtype, device=device)
-        else:
-            scores = exchanged_scores(measured, 1.0, dtype, self._foreach(measured), collective)
-            info = torch.finfo(dtype)
-            clear = scores.abs().amax() >= info.tiny / info.eps  # NaN fails it too
-        weights = self.weighting.from_scores(scores)
-        if weights.shape != (n,):
-            return None  # the careful path names the weighting
-        if weights.dtype != dtype:
-            weights = weights.to(dtype)
-        unread: list[Tensor] = []
-        if self.weighting.needs == "count" and measured is not batch:
-            if self.non_finite == "raise":
-                # Mean does not read these values: a device probe that is finite exactly
-                # when they are, carried by the update's all-reduce.
-                unread.append(
-                    finiteness_probe(measured, self._update_dtype(batch, dtype)).reshape(1)
-                )
-        result, blocks = self._combine(batch, weights, unread)
-        # Finite exactly when the weights, the update and the unread values are (barring
-        # an overflow of the sums, which only sends the call down the careful path).
-        probe = finite_probe([weights, *blocks, *unread], dtype, device)
-        ok = probe * 0 == 0
-        if clear is not None:
-            ok = ok & clear
-        if not bool(ok):  # the one value read back to the host
-            return None
-        cosines = (
-            task_cosines(measured, foreach=self._foreach(measured), collective=collective)
-            if self.track_cosines
-            else None
-        )
-        return result, weights, AgreementDiagnostics(weights, cosines, collective.bytes_sent)
-
-    def _combine(
-        self, batch: TaskBatch, weights: Tensor, extra: list[Tensor]
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """Σ_i w_i v_i over every rank's tasks (this rank's share, all-reduced with the
-        ``extra`` tensors riding along), in the vectors' dtype; zeros for a parameter no
-        task has. Also returns the update's blocks: every entry that came from the tasks,
-        once, in a few tensors (for a check)."""
-        if batch.first_task or batch.num_tasks != weights.shape[0]:
-            weights = weights[batch.first_task : batch.first_task + batch.num_tasks]
-        blocked = weighted_blocks(batch, weights, foreach=self._foreach(batch))
-        local = blocked.params
-        combined = materialize(batch, local)
-        blocks = blocked.blocks + [
-            t for t, mine in zip(combined, local) if mine is None and t is not None
-        ]
-        if self._collective.exchanges:
-            self._collective.sum_(blocked.wire(combined) + extra)
-        result = []
-        cast_back = False
-        for vector, param, dtype in zip(combined, self.params, batch.global_dtypes):
-            if vector is None:
-                result.append(torch.zeros_like(param))
-            elif dtype is not None and vector.dtype != dtype:
-                cast_back = True
-                result.append(vector.to(dtype))
-            else:
-                result.append(vector)
-        # Cast back to fp16/bf16, the update may overflow: then check what is returned.
-        return result, result if cast_back else blocks
-
-    @staticmethod
-    def _update_dtype(batch: TaskBatch, fallback: torch.dtype) -> torch.dtype:
-        """The dtype the update is accumulated (and all-reduced) in."""
-        present = [d for d in batch.global_dtypes if d is not None]
-        return accumulation_dtype(present[0]) if present else fallback
-
-    def _careful(
-        self, batch: TaskBatch, measured: TaskBatch, gramian: Tensor | None
-    ) -> tuple[list[Tensor], Tensor, AgreementDiagnostics]:
-        """Step by step, with a check after each: raises naming the rank, task and
-        parameter of a non-finite value; rescales scores that over- or underflow."""
-        collective = self._collective
-        weights = self._weights_of(measured, gramian)
-        result, _ = self._combine(batch, weights, [])
-        magnitudes = torch.stack(torch._foreach_norm(result, math.inf))
-        finite = bool(torch.isfinite(magnitudes).all())
-        if not finite and self.non_finite == "raise":
-
-            def find() -> None:
-                locate_non_finite(batch)
-                if measured is not batch:
-                    locate_non_finite(measured)
-
-            collective.raise_together(find)
-            raise ValueError(
-                "The weighted sum of `task_vectors` overflowed its dtype "
-                f"({batch.global_dtypes}); rescale the vectors or use a wider dtype."
-            )
-        cosines = None
-        if self.track_cosines:
-            cosines = (
-                task_cosines(measured, foreach=self._foreach(measured), collective=collective)
-                if finite
-                else torch.full_like(weights, math.nan, dtype=torch.float64)
-            )
-        return result, weights, AgreementDiagnostics(weights, cosines, collective.bytes_sent)
+        with torch.no_grad():
+            return self._run(self._prepare(task_vectors, agreement_vectors, gramian), gramian, mode)
 
     def aggregate(
         self,
@@ -529,10 +519,10 @@ class GradientAgreementAggregator:
             One tensor per parameter, shaped like it and in the vectors' dtype (a parameter
             no task touched gives zeros). Also records :attr:`last_weights`.
         """
-        with torch.no_grad():
-            result, weights, diagnostics = self._aggregate(task_vectors, agreement_vectors, gramian)
-        self.last_weights, self.last_diagnostics = weights, diagnostics
-        return result
+        result = self._call(task_vectors, agreement_vectors, gramian, "aggregate")
+        self.last_weights, self.last_diagnostics = result.weights, result.diagnostics
+        assert result.outputs is not None
+        return result.outputs
 
     def step(
         self,
@@ -549,6 +539,10 @@ class GradientAgreementAggregator:
         ``.grad`` is written, so the caller's own step follows unchanged
         (``clip_grad_norm_``, ``scaler.step(opt)``, ``opt.step()``).
 
+        The ``.grad`` tensors are views of one flat buffer (as DDP's
+        ``gradient_as_bucket_view``); two buffers alternate from step to step, so keep a
+        ``.grad`` across steps only as a copy.
+
         Args:
             task_vectors, agreement_vectors, gramian: as in :meth:`aggregate`.
             accumulate: ``False`` (default): ``.grad`` is replaced by the update.
@@ -561,16 +555,15 @@ class GradientAgreementAggregator:
         """
         if not isinstance(accumulate, bool):
             raise TypeError(f"`accumulate` should be a bool. Found `{accumulate!r}`.")
-        with torch.no_grad():
-            result, weights, diagnostics = self._aggregate(task_vectors, agreement_vectors, gramian)
+        result = self._call(task_vectors, agreement_vectors, gramian, "step")
+        grads = result.outputs
+        assert grads is not None
         previous = [param.grad for param in self.params]
-        with torch.no_grad():
-            grads = [
-                update if update.dtype == param.dtype else update.to(param.dtype)
-                for param, update in zip(self.params, result)
-            ]
-            if accumulate:
-                grads = [g if p.grad is None else p.grad + g for p, g in zip(self.params, grads)]
+        if accumulate:
+            pairs = [(g, old) for g, old in zip(grads, previous) if old is not None]
+            if pairs:
+                with torch.no_grad():
+                    torch._foreach_add_([g for g, _ in pairs], [old for _, old in pairs])
         for param, grad in zip(self.params, grads):
             param.grad = grad
         if self.optimizer is not None:
@@ -580,9 +573,10 @@ class GradientAgreementAggregator:
                 for param, old in zip(self.params, previous):
                     param.grad = old
                 raise
+        self._turn ^= 1
         self.num_steps += 1
-        self.last_weights, self.last_diagnostics = weights, diagnostics
-        return weights
+        self.last_weights, self.last_diagnostics = result.weights, result.diagnostics
+        return result.weights
 
     # -- checkpointing -----------------------------------------------------------------
 
@@ -614,3 +608,34 @@ class GradientAgreementAggregator:
         self.num_steps = int(state_dict["num_steps"])
         last = state_dict["last_weights"]
         self.last_weights = None if last is None else last.clone()
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call's validated input and what every rank agreed on: the tasks per rank, this
+    rank's first task, and each parameter's dtype on any rank (``None``: no task has it)."""
+
+    tasks: Tasks
+    measured: Tasks
+    counts: tuple[int, ...]
+    first: int
+    dtypes: tuple[torch.dtype | None, ...]
+    measured_dtypes: tuple[torch.dtype | None, ...]
+
+
+@dataclass(frozen=True)
+class _Result:
+    weights: Tensor
+    outputs: list[Tensor] | None
+    diagnostics: AgreementDiagnostics
+
+
+def weights_of(weighting: Weighting, task_vectors: object) -> Tensor:
+    """The weights of ``task_vectors`` in one process, without parameters: the layout is
+    read off the vectors (what :meth:`ga_optim.Weighting.weights` computes)."""
+    tasks = as_tasks(task_vectors)
+    params = [
+        torch.zeros((), dtype=dtype or torch.float32, device=tasks.device).expand(shape)
+        for shape, dtype in zip(tasks.shapes, tasks.dtypes)
+    ]
+    return GradientAgreementAggregator(params, weighting=weighting).weights(task_vectors)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn, overload
+from typing import Any, Literal, NoReturn, overload
 
 import torch
 from torch import Tensor
@@ -19,7 +19,9 @@ __all__ = [
     "NonFiniteError",
     "TaskBatch",
     "TaskStack",
+    "Tasks",
     "as_task_batch",
+    "as_tasks",
     "check_gramian",
     "check_params",
     "locate_non_finite",
@@ -376,6 +378,15 @@ def as_task_batch(
     if num_params == 0:
         raise ValueError(f"`{name}[0]` should hold at least one tensor. Found an empty sequence.")
 
+    shapes, dtypes, devices = _list_columns(tasks, name, params, num_params)
+    return TaskBatch(tasks=tasks, name=name, shapes=shapes, dtypes=dtypes, devices=devices)
+
+
+def _list_columns(
+    tasks: list[list[Tensor | None]], name: str, params: list[Tensor] | None, num_params: int
+) -> tuple[list[torch.Size | None], list[torch.dtype | None], list[torch.device | None]]:
+    """Each parameter's shape, dtype and device across per-task lists, or the error that
+    names the first task and parameter that disagree."""
     shapes: list[torch.Size | None] = []
     dtypes: list[torch.dtype | None] = []
     devices: list[torch.device | None] = []
@@ -428,7 +439,7 @@ def as_task_batch(
         shapes.append(None if shape_ref is None else shape_ref.shape)
         dtypes.append(None if first is None else first.dtype)
         devices.append(None if shape_ref is None else shape_ref.device)
-    return TaskBatch(tasks=tasks, name=name, shapes=shapes, dtypes=dtypes, devices=devices)
+    return shapes, dtypes, devices
 
 
 def _alike(vectors: Sequence[object], param: Tensor | None) -> bool:
@@ -482,3 +493,58 @@ def locate_non_finite(batch: TaskBatch) -> None:
                 raise NonFiniteError(
                     f"`{batch.name}[{i}][{p}]` should be finite. Found {value} at index {index}."
                 )
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """Validated per-task vectors, before packing into the task matrix.
+
+    ``form`` says what ``data`` is: ``"lists"``, N per-task lists of tensors (``None`` for
+    zeros); ``"matrix"``, one tensor ``[N, P]`` (the parameters flattened and
+    concatenated); ``"columns"``, one tensor ``[N, *shape]`` per parameter. ``dtypes`` has
+    ``None`` where no task has the parameter; ``name`` is the argument, for messages.
+    """
+
+    name: str
+    form: Literal["lists", "matrix", "columns"]
+    data: Any
+    num_tasks: int
+    shapes: tuple[torch.Size, ...]
+    dtypes: tuple[torch.dtype | None, ...]
+    device: torch.device
+
+
+def as_tasks(
+    task_vectors: object,
+    name: str = "task_vectors",
+    params: list[Tensor] | None = None,
+    *,
+    allow_empty: bool = False,
+) -> Tasks:
+    """Validate per-task vectors (every accepted form) and describe them as :class:`Tasks`.
+
+    Accepts a tensor ``[N, ...]`` (one parameter; or ``[N, sum(numel)]`` when ``params``
+    has several), a :class:`TaskStack`, or a sequence of ``N`` sequences of tensors
+    (``None`` counts as zeros). Checks types, counts, shapes, dtypes and devices (every
+    tensor on one device); values are checked later, from the results. ``allow_empty`` (a
+    rank of a process group with no task this step, ``params`` given) accepts zero tasks.
+    """
+    batch = as_task_batch(task_vectors, name, params, allow_empty=allow_empty)
+    n = batch.num_tasks
+    shapes = tuple(torch.Size([0]) if s is None else s for s in batch.shapes)
+    devices = [d for d in batch.devices if d is not None] or [torch.device("cpu")]
+    for p, device in enumerate(batch.devices):
+        if device is not None and device != devices[0]:
+            raise ValueError(
+                f"`{name}` parameter {p} is on device {device}; parameter 0 is on "
+                f"{devices[0]}. ga_optim keeps a meta-batch on one device."
+            )
+    form: Literal["lists", "matrix", "columns"]
+    data: Any
+    if isinstance(task_vectors, Tensor):
+        form, data = "matrix", task_vectors.reshape(n, sum(s.numel() for s in shapes))
+    elif isinstance(task_vectors, TaskStack):
+        form, data = "columns", task_vectors.columns
+    else:
+        form, data = "lists", batch.tasks
+    return Tasks(name, form, data, n, shapes, tuple(batch.dtypes), devices[0])

@@ -8,22 +8,12 @@ agreement scores ``r = G·1``, :meth:`Weighting.from_scores` with ``needs = "sco
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from ._checks import TaskBatch, as_task_batch, check_gramian, locate_non_finite
-from ._collective import Collective, LocalCollective
-from ._kernels import accumulation_dtype, gramian
-from ._weights import (
-    agreement_scores,
-    cosine_agreement_scores,
-    signed_normalize,
-    to_unit_range,
-    weights_dtype_device,
-)
+from ._checks import check_gramian
 
 __all__ = [
     "Agreement",
@@ -33,7 +23,8 @@ __all__ = [
     "NonNegativeAgreement",
     "Weighting",
     "agreement_weights",
-    "weights_of_batch",
+    "signed_normalize",
+    "to_unit_range",
 ]
 
 #: What a weighting reads of the task vectors; see :attr:`Weighting.needs`.
@@ -99,20 +90,16 @@ class Weighting:
                 f"`{cls.__name__}.needs` should be one of {get_args(Needs)}. Found {cls.needs!r}."
             )
 
-    def weights(
-        self,
-        task_vectors: object = None,
-        *,
-        gramian: Tensor | None = None,
-        foreach: bool | None = None,
-    ) -> Tensor:
+    def weights(self, task_vectors: object = None, *, gramian: Tensor | None = None) -> Tensor:
         """The weights of ``task_vectors`` (see :func:`ga_optim.agreement_weights` for the
         accepted forms) or of a precomputed ``gramian`` ``[N, N]``; pass exactly one."""
         if (task_vectors is None) == (gramian is None):
             raise TypeError("Pass exactly one of `task_vectors` and `gramian`.")
         if gramian is not None:
             return self.from_gramian(check_gramian(gramian))
-        return weights_of_batch(self, as_task_batch(task_vectors), foreach=foreach)
+        from ._aggregator import weights_of  # the aggregator computes the statistics
+
+        return weights_of(self, task_vectors)
 
     __call__ = weights
 
@@ -145,7 +132,7 @@ class Weighting:
 
 def scores_from_gramian(gramian: Tensor, needs: Needs) -> Tensor:
     """The statistic that ``needs`` names, read off a Gramian ``[N, N]``."""
-    dtype = accumulation_dtype(gramian.dtype)
+    dtype = torch.promote_types(gramian.dtype, torch.float32)
     if needs == "count":
         return torch.zeros(gramian.shape[0], dtype=dtype, device=gramian.device)
     if needs == "unit_scores":
@@ -156,55 +143,22 @@ def scores_from_gramian(gramian: Tensor, needs: Needs) -> Tensor:
     return gramian.sum(dim=1).to(dtype)
 
 
-_LOCAL = LocalCollective()
+def to_unit_range(values: Tensor) -> Tensor:
+    """``values`` times the power of two that brings its largest magnitude into
+    ``[0.5, 1)``: exact (so sums that cancel still do), and their sum cannot overflow.
+    On the device, with no value read back to the host; all zeros stay zeros."""
+    _, exponent = torch.frexp(values.abs().amax())
+    # The exponent as a float of ``values``' dtype: before torch 2.2 (or so) ``ldexp``
+    # with an integer exponent raised 2 to it in float32, which overflows beyond 2**127.
+    return torch.ldexp(values, exponent.to(values.dtype).neg())
 
 
-def weights_of_batch(
-    weighting: Weighting,
-    batch: TaskBatch,
-    *,
-    foreach: bool | None = None,
-    collective: Collective = _LOCAL,
-    check_unread: bool = True,
-) -> Tensor:
-    """The weights ``[N]`` of a validated batch (every rank's tasks, in a process group):
-    computes what ``weighting.needs`` and hands it over.
-
-    The one place where the values a weighting reads are checked: raises
-    :class:`~ga_optim.NonFiniteError` (on every rank) naming the task and parameter if one
-    is not finite. A weighting that reads no value (``needs = "count"``) gets its batch
-    scanned all the same, so NaN is never let through unseen, unless ``check_unread`` is
-    false (``non_finite="propagate"``).
-    """
-    dtype, _ = weights_dtype_device(batch)
-    find: Callable[[], None] = lambda: locate_non_finite(batch)  # noqa: E731
-    if weighting.needs == "count":
-        if check_unread:
-            collective.raise_together(find)
-        statistic = torch.zeros(batch.total_tasks, dtype=dtype, device=_device(batch))
-        return weighting.from_scores(statistic).to(dtype)
-    if weighting.needs == "scores":
-        statistic = agreement_scores(batch, foreach=foreach, collective=collective)
-    elif weighting.needs == "unit_scores":
-        statistic = cosine_agreement_scores(batch, foreach=foreach, collective=collective)
-    else:
-        matrix = gramian(
-            batch, torch.float64, None if batch.counts is None else _gather(collective, batch)
-        )
-        if not bool(torch.isfinite(matrix).all()):
-            collective.raise_together(find)
-        return weighting.from_gramian(matrix).to(dtype)
-    if not bool(torch.isfinite(statistic).all()):
-        collective.raise_together(find)
-    return weighting.from_scores(statistic).to(dtype)
-
-
-def _device(batch: TaskBatch) -> torch.device:
-    return next(d for d in batch.devices if d is not None)
-
-
-def _gather(collective: Collective, batch: TaskBatch) -> Callable[[Tensor], Tensor]:
-    return lambda local: collective.gather(local, batch.all_counts)
+def signed_normalize(scores: Tensor) -> Tensor:
+    """``w_i = r_i / Σ_k |r_k|``; uniform ``1/N`` when every score is zero. Scaled first by
+    a power of two (exact) so that ``Σ|r|`` cannot overflow. Branch-free."""
+    scaled = to_unit_range(scores)
+    denominator = scaled.abs().sum()
+    return torch.where(denominator > 0, scaled / denominator, 1.0 / scores.numel())
 
 
 class Mean(Weighting):
@@ -267,9 +221,7 @@ class NonNegativeAgreement(Agreement):
         return torch.where(total > 0, positive / total, 1.0 / scores.numel())
 
 
-def agreement_weights(
-    task_vectors: object = None, *, gramian: Tensor | None = None, foreach: bool | None = None
-) -> Tensor:
+def agreement_weights(task_vectors: object = None, *, gramian: Tensor | None = None) -> Tensor:
     r"""Gradient-agreement weights of a meta-batch of tasks.
 
     Eq. (1)/(13) of Eshratifar, Eigen & Pedram (2018), line 8 of Algorithm 1: each task's
@@ -293,7 +245,6 @@ def agreement_weights(
             same shapes across tasks (``None`` counts as zeros).
         gramian: instead of ``task_vectors``, a precomputed Gramian ``[N, N]`` with
             :math:`G_{ij} = g_i^\top g_j`.
-        foreach: use the ``torch._foreach_*`` kernels (default) or the per-tensor loop.
 
     Returns:
         A tensor ``[N]`` of signed weights with ``Σ|w_i| = 1``, in float32 (float64 for
@@ -316,7 +267,7 @@ def agreement_weights(
         Eshratifar, Eigen & Pedram, *Gradient Agreement as an Optimization Objective for
         Meta-Learning*, 2018, Eq. (13) and Algorithm 1, line 8.
     """
-    return Agreement().weights(task_vectors, gramian=gramian, foreach=foreach)
+    return Agreement().weights(task_vectors, gramian=gramian)
 
 
 class CosineAgreement(Agreement):

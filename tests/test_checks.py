@@ -179,8 +179,11 @@ def test_aggregator_constructor_errors() -> None:
         TypeError, match=r"`weighting` should be a ga_optim\.Weighting .* Found `str`"
     ):
         GradientAgreementAggregator(model.parameters(), weighting="mean")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"`foreach` should be a bool or None"):
-        GradientAgreementAggregator(model.parameters(), foreach=1)  # type: ignore[arg-type]
+    elsewhere = torch.zeros(2, device="meta", requires_grad=True)
+    with pytest.raises(
+        ValueError, match=r"`params\[1\]` is on device meta; `params\[0\]` is on cpu"
+    ):
+        GradientAgreementAggregator([model.weight, elsewhere])
 
 
 def test_aggregator_input_errors_name_parameter() -> None:

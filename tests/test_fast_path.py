@@ -122,25 +122,12 @@ def _list_step_ops(weighting: Any, form: str, n: int) -> Counter[str]:
 
 
 @pytest.mark.parametrize("form", ["reptile", "maml"])
-def test_a_list_step_costs_a_few_ops_per_task(form: str) -> None:
-    """Per-task lists cannot avoid work per task, but it is bounded: the model's one
-    parameter above the packing size (the linear layer's weight) takes, per task, one
-    multi-tensor multiply-add for the update and, for Agreement, one multi-tensor add for
-    the task sum and one dot (with its flattening view) for the scores. The small
-    parameters are packed: per parameter, not per task."""
-    grown = {
-        name: _list_step_ops(weighting, form, 8) - _list_step_ops(weighting, form, 4)
-        for name, weighting in (("mean", Mean()), ("agreement", Agreement()))
-    }
-    assert grown["mean"] == Counter({"aten._foreach_addcmul_.Scalar": 4}), grown["mean"]
-    assert grown["agreement"] == Counter(
-        {
-            "aten._foreach_addcmul_.Scalar": 4,
-            "aten._foreach_add_.List": 4,
-            "aten.dot.default": 4,
-            "aten.view.default": 4,
-        }
-    ), grown["agreement"]
+@pytest.mark.parametrize("weighting", [Mean(), Agreement()], ids=["mean", "agreement"])
+def test_a_list_step_runs_the_same_ops_for_4_and_32_tasks(weighting: Any, form: str) -> None:
+    """Per-task lists are packed into the task matrix by one multi-tensor copy: nothing
+    after it depends on N."""
+    few, many = _list_step_ops(weighting, form, 4), _list_step_ops(weighting, form, 32)
+    assert few == many, f"ops that grow with N: {(many - few) + (few - many)}"
 
 
 def test_reptile_adapter_step_reads_one_value_back() -> None:

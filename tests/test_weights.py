@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 from hypothesis import example, given
-from hypothesis import strategies as st
 
-from ga_optim import Agreement, agreement_weights
+from ga_optim import Agreement, TaskStack, agreement_weights
 from ga_optim.testing import (
     assert_weighting_invariants,
     condition_number,
@@ -168,13 +167,18 @@ def test_invariants(batch: list[list[torch.Tensor]]) -> None:
     assert_weighting_invariants(Agreement(), batch)
 
 
-@given(task_batches(), st.booleans())
-def test_foreach_matches_per_tensor_in_float64(batch: list[list[torch.Tensor]], _: bool) -> None:
-    fast = agreement_weights(batch, foreach=True)
-    slow = agreement_weights(batch, foreach=False)
-    kappa = condition_number(batch)
-    tol = 0.0 if math.isinf(kappa) else 16 * len(batch) * torch.finfo(torch.float64).eps * kappa
-    assert float((fast - slow).abs().max()) <= tol
+@given(task_batches())
+def test_every_input_form_gives_the_same_weights(batch: list[list[torch.Tensor]]) -> None:
+    """Per-task lists, one stacked tensor per parameter and one flat [N, P] matrix are
+    packed into the same task matrix: bitwise the same weights."""
+    from_lists = agreement_weights(batch)
+    columns = [torch.stack([task[p] for task in batch]) for p in range(len(batch[0]))]
+    from_stack = agreement_weights(TaskStack(columns))
+    dtype = from_lists.dtype if from_lists.dtype == torch.float64 else columns[0].dtype
+    if all(c.dtype == dtype for c in columns):
+        flat = torch.cat([c.reshape(len(batch), -1) for c in columns], dim=1)
+        assert torch.equal(agreement_weights(flat), from_lists)
+    assert torch.equal(from_stack, from_lists)
 
 
 @given(task_batches(min_tasks=2))

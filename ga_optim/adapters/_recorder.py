@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .._aggregator import GradientAgreementAggregator, NonFinitePolicy
+from .._matrix import Rows, accumulation_dtype
 from .._weightings import Weighting
 from ._wraps import WrapsAggregator
 
@@ -20,20 +21,22 @@ AgreementOn = Literal["deltas", "meta_gradients"]
 class MetaGradientRecorder(WrapsAggregator):
     """Keeps each task's meta-gradient and inner-loop delta apart, then applies Algorithm 1.
 
-    The base of the MAML-style adapters (learn2learn, higher), which add a ``backward``
-    that knows where their library keeps the adapted weights.
+        The base of the MAML-style adapters (learn2learn, higher), which add a ``backward``
+        that knows where their library keeps the adapted weights.
 
-    ``loss.backward()`` would sum the tasks' meta-gradients into ``.grad`` and lose them;
-    :meth:`record_task` keeps them per task. :meth:`step` weights them (by default with
-    agreement measured on the inner-loop deltas θ − θ_i, Algorithm 1 lines 7–9), writes
-    Σ w_i ∇L_i(θ_i) into ``.grad`` and steps the optimizer (if one was given).
+        ``loss.backward()`` would sum the tasks' meta-gradients into ``.grad`` and lose them;
+        :meth:`record_task` keeps them per task, each written straight into its row of a task
+    matrix (and θ − θ_i into its row of a second one), so :meth:`step` copies no task vector.
+    :meth:`step` weights them (by default with
+        agreement measured on the inner-loop deltas θ − θ_i, Algorithm 1 lines 7–9), writes
+        Σ w_i ∇L_i(θ_i) into ``.grad`` and steps the optimizer (if one was given).
 
-    Under a ``torch.amp.GradScaler`` (``backward(scaler.scale(loss), ...)``) the weights
-    do not depend on the loss scale: the deltas are unscaled, and agreement on scaled
-    meta-gradients is scale-free too; the ``.grad`` written carries the scale, so
-    ``scaler.step(opt)`` unscales it. Build the adapter with ``optimizer=None`` and
-    ``non_finite="propagate"`` so that an overflow reaches the scaler as inf (it skips the
-    step) instead of raising.
+        Under a ``torch.amp.GradScaler`` (``backward(scaler.scale(loss), ...)``) the weights
+        do not depend on the loss scale: the deltas are unscaled, and agreement on scaled
+        meta-gradients is scale-free too; the ``.grad`` written carries the scale, so
+        ``scaler.step(opt)`` unscales it. Build the adapter with ``optimizer=None`` and
+        ``non_finite="propagate"`` so that an overflow reaches the scaler as inf (it skips the
+        step) instead of raising.
     """
 
     def __init__(
@@ -43,7 +46,6 @@ class MetaGradientRecorder(WrapsAggregator):
         *,
         weighting: Weighting | None = None,
         agreement_on: AgreementOn = "deltas",
-        foreach: bool | None = None,
         track_cosines: bool = False,
         non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
@@ -57,14 +59,15 @@ class MetaGradientRecorder(WrapsAggregator):
             params,
             optimizer,
             weighting=weighting,
-            foreach=foreach,
             track_cosines=track_cosines,
             non_finite=non_finite,
             process_group=process_group,
         )
         self.agreement_on = agreement_on
-        self.meta_gradients: list[list[Tensor | None]] = []
-        self.deltas: list[list[Tensor | None]] = []
+        dtype = accumulation_dtype([p.dtype for p in self.params])
+        device, layout = self.params[0].device, self.aggregator.layout
+        self._gradients = Rows(layout, dtype, device)
+        self._deltas = Rows(layout, dtype, device)
 
     @property
     def params(self) -> list[Tensor]:
@@ -76,7 +79,18 @@ class MetaGradientRecorder(WrapsAggregator):
 
     @property
     def num_recorded(self) -> int:
-        return len(self.meta_gradients)
+        return self._gradients.filled
+
+    @property
+    def meta_gradients(self) -> Tensor:
+        """The recorded meta-gradients, one row per task ``[n, P]`` (parameters flattened
+        and concatenated; a parameter the loss did not reach is zeros)."""
+        return self._gradients.matrix()
+
+    @property
+    def deltas(self) -> Tensor:
+        """The recorded inner-loop deltas θ − θ_i, one row per task ``[n, P]``."""
+        return self._deltas.matrix()
 
     def _check_adapted(self, adapted: Sequence[Tensor], what: str) -> None:
         if len(adapted) != len(self.params):
@@ -111,17 +125,10 @@ class MetaGradientRecorder(WrapsAggregator):
                 "compute it from the adapted learner's forward pass."
             )
         targets = [p for p in self.params if p.requires_grad]
-        # The stock loop's own path (loss.backward() into .grad), with each .grad swapped
-        # out and back, so this task's gradient stays apart and nothing else changes.
-        saved = [p.grad for p in targets]
-        for p in targets:
-            p.grad = None
-        try:
-            torch.autograd.backward(loss, inputs=targets, retain_graph=fallback is not None)
-            by_param = {id(p): p.grad for p in targets}
-        finally:
-            for p, grad in zip(targets, saved):
-                p.grad = grad
+        grads = torch.autograd.grad(
+            loss, targets, retain_graph=fallback is not None, allow_unused=True
+        )
+        by_param = {id(p): g for p, g in zip(targets, grads)}
         result = [by_param.get(id(p)) for p in self.params]
         if all(g is None for g in result) and fallback is not None:
             fast = [t for t in fallback if t.requires_grad]
@@ -148,9 +155,15 @@ class MetaGradientRecorder(WrapsAggregator):
         self._check_adapted(adapted, what)
         meta_gradient = self._meta_gradient(loss, adapted if fallback else None)
         with torch.no_grad():
-            delta = [slow.detach() - fast.detach() for slow, fast in zip(self.params, adapted)]
-        self.meta_gradients.append(meta_gradient)
-        self.deltas.append(list(delta))
+            row = self._gradients.append()
+            present = [(view, g) for view, g in zip(row, meta_gradient) if g is not None]
+            torch._foreach_copy_([view for view, _ in present], [g for _, g in present])
+            missing = [view for view, g in zip(row, meta_gradient) if g is None]
+            if missing:
+                torch._foreach_zero_(missing)
+            row = self._deltas.append()
+            torch._foreach_copy_(row, [slow.detach() for slow in self.params])
+            torch._foreach_sub_(row, [fast.detach() for fast in adapted])
 
     def step(self, *, accumulate: bool = False) -> Tensor:
         """Weight the recorded tasks, write Σ w_i ∇L_i(θ_i) into ``.grad``, step, clear.
@@ -164,7 +177,7 @@ class MetaGradientRecorder(WrapsAggregator):
         nothing was written and the recorded tasks are kept. In a process group every rank
         calls it, a rank with no recorded task too.
         """
-        if not self.meta_gradients and not self.aggregator.distributed:
+        if not self.num_recorded and not self.aggregator.distributed:
             raise RuntimeError(
                 "step() found no recorded task: call backward(loss, learner) once per task "
                 "of the meta-batch first."
@@ -177,6 +190,5 @@ class MetaGradientRecorder(WrapsAggregator):
         return weights
 
     def clear(self) -> None:
-        """Forget the recorded tasks."""
-        self.meta_gradients.clear()
-        self.deltas.clear()
+        """Forget the recorded tasks (their rows are reused by the next ones)."""
+        self._gradients.filled = self._deltas.filled = 0

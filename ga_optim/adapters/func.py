@@ -82,8 +82,6 @@ class FuncAgreement(WrapsAggregator):
         optimizer: the outer optimizer over ``model.parameters()`` (or ``None`` to only
             write ``.grad``).
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
-        foreach: use ``torch._foreach_*`` kernels (default ``None``: yes, where a
-            parameter is materialised) or the readable per-tensor loop; the same result.
         track_cosines: record each task's cosine with the mean agreement vector in
             :attr:`last_diagnostics` (one more pass over the vectors).
         non_finite: ``"raise"`` (default) or ``"propagate"``: let NaN/Inf meta-gradients
@@ -101,7 +99,6 @@ class FuncAgreement(WrapsAggregator):
         optimizer: torch.optim.Optimizer | None = None,
         *,
         weighting: Weighting | None = None,
-        foreach: bool | None = None,
         track_cosines: bool = False,
         non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
@@ -114,7 +111,6 @@ class FuncAgreement(WrapsAggregator):
             [p for _, p in named],
             optimizer,
             weighting=weighting,
-            foreach=foreach,
             track_cosines=track_cosines,
             non_finite=non_finite,
             process_group=process_group,
@@ -122,7 +118,7 @@ class FuncAgreement(WrapsAggregator):
 
     def _tasks(self, stacked: Stacked | None, what: str) -> TaskStack | None:
         """The dict as a :class:`~ga_optim.TaskStack` (no unbinding: the aggregator's
-        kernels then do not depend on N)."""
+        one multi-tensor copy packs it into the task matrix)."""
         if stacked is None:
             return None
         if not isinstance(stacked, Mapping):

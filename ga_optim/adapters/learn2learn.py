@@ -59,8 +59,6 @@ class AgreementMAML(MetaGradientRecorder):
             clipping, ``scaler.step(opt)`` under a ``torch.amp.GradScaler``).
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
         agreement_on: ``"deltas"`` (the paper) or ``"meta_gradients"``.
-        foreach: use ``torch._foreach_*`` kernels (default ``None``: yes, where a
-            parameter is materialised) or the readable per-tensor loop; the same result.
         track_cosines: record each task's cosine with the mean agreement vector in
             :attr:`last_diagnostics` (one more pass over the vectors).
         non_finite: ``"raise"`` (default) or ``"propagate"``: let NaN/Inf meta-gradients
@@ -78,7 +76,6 @@ class AgreementMAML(MetaGradientRecorder):
         *,
         weighting: Weighting | None = None,
         agreement_on: AgreementOn = "deltas",
-        foreach: bool | None = None,
         track_cosines: bool = False,
         non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
@@ -94,7 +91,6 @@ class AgreementMAML(MetaGradientRecorder):
             optimizer,
             weighting=weighting,
             agreement_on=agreement_on,
-            foreach=foreach,
             track_cosines=track_cosines,
             non_finite=non_finite,
             process_group=process_group,

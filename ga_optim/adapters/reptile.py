@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .._aggregator import GradientAgreementAggregator, NonFinitePolicy
+from .._matrix import Rows, accumulation_dtype
 from .._weightings import Weighting
 from ._wraps import WrapsAggregator
 
@@ -40,8 +41,6 @@ class AgreementReptile(WrapsAggregator):
             :meth:`step` then only writes ``.grad`` and the loop steps itself (gradient
             clipping, ``scaler.step(opt)`` under a ``torch.amp.GradScaler``).
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
-        foreach: use ``torch._foreach_*`` kernels (default ``None``: yes, where a
-            parameter is materialised) or the readable per-tensor loop; the same result.
         track_cosines: record each task's cosine with the mean task vector in
             :attr:`last_diagnostics` (one more pass over the vectors).
         non_finite: ``"raise"`` (default) or ``"propagate"``: let NaN/Inf meta-gradients
@@ -58,7 +57,6 @@ class AgreementReptile(WrapsAggregator):
         optimizer: torch.optim.Optimizer | None = None,
         *,
         weighting: Weighting | None = None,
-        foreach: bool | None = None,
         track_cosines: bool = False,
         non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
@@ -70,23 +68,30 @@ class AgreementReptile(WrapsAggregator):
             model.parameters(),
             optimizer,
             weighting=weighting,
-            foreach=foreach,
             track_cosines=track_cosines,
             non_finite=non_finite,
             process_group=process_group,
         )
-        self.deltas: list[list[Tensor]] = []
+        params = self.aggregator.params
+        dtype = accumulation_dtype([p.dtype for p in params])
+        self._deltas = Rows(self.aggregator.layout, dtype, params[0].device)
 
     @property
     def num_recorded(self) -> int:
-        return len(self.deltas)
+        return self._deltas.filled
+
+    @property
+    def deltas(self) -> Tensor:
+        """The recorded task vectors θ − θ_i, one row per task ``[n, P]``."""
+        return self._deltas.matrix()
 
     def clone(self) -> nn.Module:
         """A detached copy of the model, to adapt on one task with any inner optimizer."""
         return copy.deepcopy(self.model)
 
     def record(self, learner: nn.Module) -> None:
-        """Record one adapted learner: its task vector θ − θ_i."""
+        """Record one adapted learner: its task vector θ − θ_i, written into its row of the
+        task matrix (two multi-tensor operations, no copy of the task kept elsewhere)."""
         if not isinstance(learner, nn.Module):
             raise TypeError(
                 f"`learner` should be a torch.nn.Module. Found `{type(learner).__name__}`."
@@ -99,7 +104,9 @@ class AgreementReptile(WrapsAggregator):
                 f"wrapped model has {[tuple(s.shape) for s in slow]}. Record a clone()."
             )
         with torch.no_grad():
-            self.deltas.append([s.detach() - f.detach() for s, f in zip(slow, fast)])
+            row = self._deltas.append()
+            torch._foreach_copy_(row, [s.detach() for s in slow])
+            torch._foreach_sub_(row, [f.detach() for f in fast])
 
     def step(self, *, accumulate: bool = False) -> Tensor:
         """Apply θ ← θ + α Σ w_i (θ_i − θ) through the outer optimizer; return the weights.
@@ -110,11 +117,11 @@ class AgreementReptile(WrapsAggregator):
         Clears the recorded learners. If it raises, nothing was written and they are kept.
         In a process group every rank calls it, a rank with no recorded learner too.
         """
-        if not self.deltas and not self.aggregator.distributed:
+        if not self.num_recorded and not self.aggregator.distributed:
             raise RuntimeError(
                 "step() found no recorded learner: call record(learner) once per task of "
                 "the meta-batch first."
             )
         weights = self.aggregator.step(self.deltas, accumulate=accumulate)
-        self.deltas = []
+        self._deltas.filled = 0
         return weights

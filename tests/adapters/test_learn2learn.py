@@ -136,7 +136,8 @@ def test_agreement_on_meta_gradients_option() -> None:
         learner = agree.clone()
         learner.adapt(mse(learner(xs), ys))
         agree.backward(mse(learner(xq), yq), learner)
-    grads = [list(g) for g in agree.meta_gradients]
+    grads = agree.meta_gradients.clone()  # one row per task [N, P]
+    assert grads.shape == (len(tasks), sum(p.numel() for p in maml.parameters()))
     from ga_optim.testing import reference_agreement_weights
 
     torch.testing.assert_close(agree.step(), reference_agreement_weights(grads))

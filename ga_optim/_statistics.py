@@ -1,0 +1,80 @@
+r"""What a weighting reads of a meta-batch, as matrix products on the task matrix.
+
+For the task matrix :math:`J` ``[N, P]`` (one row :math:`g_i` per task; in a process group
+each rank holds its own rows, and what crosses the wire is named below):
+
+* ``"scores"``: the task sum :math:`s = J^\top\mathbf 1` (all-reduced, P floats) and the
+  agreement scores :math:`r = J s`, :math:`r_i = g_i^\top\sum_j g_j = (G\mathbf 1)_i`
+  (gathered, N floats): Eq. (13) of Eshratifar, Eigen & Pedram (2018) in O(N·P);
+* ``"unit_scores"``: the same on the unit rows :math:`\hat g_i = g_i/\lVert g_i\rVert`,
+  with :math:`\hat s = J^\top(1/\lVert g_i\rVert)`: no unit matrix is formed beside the
+  row-scaled float64 copy;
+* ``"gramian"``: :math:`G = J J^\top` in float64 (every rank's rows gathered, N × P floats);
+* ``"count"``: nothing but N.
+
+**Numerics.** Scores are accumulated in the matrix's dtype (at least float32). Where they
+are not finite or fall below ``tiny/eps`` of it (subnormal products lose digits), the
+caller recomputes them on the matrix scaled by the power of two :func:`unit_scale` in
+float64: exact, so the weights do not change and sums that cancel exactly still do. Unit
+scores are float64, each row first scaled by its own power of two, so no norm under- or
+overflows whatever the task's magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._collective import Collective
+
+__all__ = ["cosines", "statistic", "unit_scale"]
+
+
+def statistic(matrix: Tensor, needs: str, collective: Collective, counts: Sequence[int]) -> Tensor:
+    """The statistic ``needs`` names (see :class:`~ga_optim.Weighting`) of every rank's
+    tasks, from this rank's rows ``matrix``: scores ``[N]``, or the Gramian ``[N, N]``."""
+    if needs == "count":
+        return matrix.new_zeros(sum(counts))
+    if needs == "gramian":
+        rows = collective.gather(matrix.double(), counts)
+        return rows @ rows.T
+    inverse = None
+    if needs == "unit_scores":
+        matrix = matrix.double()
+        _, exponent = torch.frexp(matrix.abs().amax(dim=1, keepdim=True))
+        # Capped so that the factor itself stays finite for subnormal rows.
+        matrix = torch.ldexp(matrix, exponent.clamp(min=-1000).neg().double())
+        norms = torch.linalg.vector_norm(matrix, dim=1)
+        inverse = torch.where(norms > 0, 1.0 / norms, 0.0)
+        total = matrix.T @ inverse
+    else:
+        total = matrix.sum(0)
+    collective.sum_([total])
+    scores = matrix @ total
+    return collective.gather(scores if inverse is None else inverse * scores, counts)
+
+
+def unit_scale(matrix: Tensor, collective: Collective) -> float:
+    """The power of two ``c`` with ``c · max|J| ∈ [0.5, 1)`` over every rank's rows (0 for
+    an all-zero or non-finite matrix); capped at ``2**1000`` so subnormal float64 entries
+    stay in range. One value read back."""
+    largest = (matrix.abs().amax() if matrix.numel() else matrix.new_zeros(())).double()
+    largest = largest.reshape(1)
+    collective.max_(largest)
+    value = float(largest)
+    if value == 0.0 or not math.isfinite(value):
+        return 0.0
+    return math.ldexp(1.0, min(-math.frexp(value)[1], 1000))
+
+
+def cosines(matrix: Tensor, collective: Collective, counts: Sequence[int]) -> Tensor:
+    """``cos(g_i, Σ_j g_j)`` for every rank's tasks, in float64 (0 for a zero vector or a
+    zero sum), from the scores and ``‖s‖² = Σ_i r_i``: one more pass for the row norms."""
+    scaled = matrix.double() * unit_scale(matrix, collective)
+    scores = statistic(scaled, "scores", collective, counts)
+    norms = collective.gather(torch.linalg.vector_norm(scaled, dim=1), counts)
+    denominator = norms * scores.sum().clamp(min=0).sqrt()
+    return torch.where(denominator > 0, scores / denominator, 0.0).clamp(-1.0, 1.0)

@@ -358,25 +358,36 @@ class GradientAgreementAggregator:
             weights = self._weigh(stat, needs, measured.dtype)
         if weights.shape != (n,):
             return self._careful(call, matrix, measured, gramian, mode)
-        probes: list[Tensor] = [] if needs == "count" else [stat.sum()]
-        unread: list[Tensor] = []
-        if (
-            needs == "count"
-            and self.non_finite == "raise"
-            and (measured is not matrix or mode == "weights")
-        ):
-            unread.append(measured.sum().reshape(1))  # finite exactly when the values are
+        # A probe that is finite exactly when everything read and produced is (an
+        # overflow of its own sum is a false alarm that only costs the careful path).
+        unread = None
+        if needs == "count" and self.non_finite == "raise":
+            if measured is not matrix or mode == "weights":  # values Mean does not read
+                unread = measured.sum().reshape(1)
         update, outputs = None, None
-        if mode != "weights":
-            update, outputs = self._combine(matrix, weights, call, mode, unread)
-            probes.append(update.sum())
-            probes += [o.sum() for o in outputs if o.dtype.itemsize < update.dtype.itemsize]
-        elif unread:
-            collective.sum_(unread)
-        flag = torch.isfinite(torch.stack([*probes, *(u[0] for u in unread)]).sum())
-        if needs == "scores":
+        if mode == "weights":
+            if unread is not None:
+                collective.sum_([unread])
+            probe = weights.sum()
+        else:
+            extra = [] if unread is None else [unread]
+            update, outputs = self._combine(matrix, weights, call, mode, extra)
+            probe = update.sum()
+            for part in outputs:  # a cast to fp16/bf16 may overflow
+                if part.dtype.itemsize < update.dtype.itemsize:
+                    probe = probe + part.sum()
+        if unread is not None:
+            probe = probe + unread
+        clear = None
+        if needs == "scores":  # clear of underflow, and finite
             info = torch.finfo(stat.dtype)
-            flag = flag & (stat.abs().amax() >= info.tiny / info.eps)
+            largest = stat.abs().amax()
+            probe, clear = probe + largest, largest >= info.tiny / info.eps
+        elif needs != "count":
+            probe = probe + stat.sum()
+        flag = probe * 0 == 0
+        if clear is not None:
+            flag = flag & clear
         if not bool(flag):  # the one value read back to the host
             return self._careful(call, matrix, measured, gramian, mode)
         return self._result(call, measured, weights, update, outputs)

@@ -1,30 +1,28 @@
 """Input validation for per-task vectors and Gramians, and its messages.
 
-Every public entry point funnels its tensors through :func:`as_task_batch` or
+Every public entry point funnels its tensors through :func:`as_tasks` or
 :func:`check_gramian` before any arithmetic happens, so a call that raises has
-not touched anything. Messages follow one template: the argument (with task and
-parameter index), what was expected, what was found.
+not touched anything; nothing below this boundary checks its input again. Messages
+follow one template: the argument (with task and parameter index), what was expected,
+what was found.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn, overload
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NoReturn
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "NonFiniteError",
-    "TaskBatch",
     "TaskStack",
     "Tasks",
-    "as_task_batch",
     "as_tasks",
     "check_gramian",
     "check_params",
-    "locate_non_finite",
     "stacked_shape_message",
 ]
 
@@ -41,11 +39,9 @@ class NonFiniteError(ValueError):
 class TaskStack:
     """Task vectors stacked over tasks: one tensor ``[N, *param.shape]`` per parameter.
 
-    What ``torch.func.vmap`` returns, and the fast form: the aggregator combines it with a
-    number of kernels that does not depend on N (a sum, a matrix-vector product for the
-    scores and a weighted reduction per parameter, or per pack of small parameters),
-    never unbinding the tasks. :class:`~ga_optim.adapters.func.FuncAgreement` passes its
-    dicts this way; a ``[N, P]`` tensor is read the same way.
+    What ``torch.func.vmap`` returns: the aggregator packs it into its task matrix with one
+    multi-tensor copy, never unbinding the tasks.
+    :class:`~ga_optim.adapters.func.FuncAgreement` passes its dicts this way.
 
     Args:
         columns: one tensor per parameter, in the parameters' order, each with the tasks
@@ -63,90 +59,6 @@ class TaskStack:
     def __repr__(self) -> str:
         shapes = [tuple(c.shape) if isinstance(c, Tensor) else c for c in self.columns]
         return f"TaskStack({shapes})"
-
-
-class _Rows(Sequence[list[Tensor | None]]):
-    """Per-task views of stacked columns, built on first access (the slow paths only)."""
-
-    def __init__(self, columns: list[Tensor], shapes: list[torch.Size], n: int) -> None:
-        self._columns, self._shapes, self._n = columns, shapes, n
-        self._rows: list[list[Tensor | None]] | None = None
-
-    def _build(self) -> list[list[Tensor | None]]:
-        if self._rows is None:
-            unbound = [column.unbind(0) for column in self._columns]
-            self._rows = [
-                [rows[i].view(shape) for rows, shape in zip(unbound, self._shapes)]
-                for i in range(self._n)
-            ]
-        return self._rows
-
-    def __len__(self) -> int:
-        return self._n
-
-    @overload
-    def __getitem__(self, index: int) -> list[Tensor | None]: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[list[Tensor | None]]: ...
-
-    def __getitem__(self, index: int | slice) -> list[Tensor | None] | list[list[Tensor | None]]:
-        return self._build()[index]
-
-    def __iter__(self) -> Iterator[list[Tensor | None]]:
-        return iter(self._build())
-
-
-@dataclass(frozen=True)
-class TaskBatch:
-    """Validated per-task vectors: ``tasks[i][p]`` is task ``i``'s tensor for parameter ``p``.
-
-    ``None`` entries stand for zeros; ``name`` is the argument they came from, for messages.
-    ``shapes``, ``dtypes`` and ``devices`` describe each
-    parameter (``None`` where no task and no reference parameter gives one).
-    """
-
-    tasks: Sequence[list[Tensor | None]]
-    name: str
-    shapes: list[torch.Size | None]
-    dtypes: list[torch.dtype | None]
-    devices: list[torch.device | None]
-    #: The dtypes across every rank of a process group (a rank may lack a parameter that
-    #: another has); ``None``: the same as ``dtypes``.
-    all_dtypes: list[torch.dtype | None] | None = None
-    #: How many tasks each rank of a process group holds; ``None``: one process.
-    counts: tuple[int, ...] | None = None
-    #: Index of this rank's first task in the meta-batch (0 in one process).
-    first_task: int = 0
-    #: Stacked input: per parameter, the tasks as one ``[N, numel]`` matrix (views of what
-    #: the caller passed); ``tasks`` then holds per-task views, made only if a slow path
-    #: asks for them.
-    stacked: list[Tensor] | None = None
-    #: Scratch space for the kernels (packed small parameters, the plan), per call.
-    cache: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.tasks)
-
-    @property
-    def num_params(self) -> int:
-        return len(self.shapes)
-
-    @property
-    def all_counts(self) -> tuple[int, ...]:
-        """Tasks per rank (``(num_tasks,)`` in one process)."""
-        return (self.num_tasks,) if self.counts is None else self.counts
-
-    @property
-    def total_tasks(self) -> int:
-        """Tasks over every rank: the meta-batch size N."""
-        return sum(self.all_counts)
-
-    @property
-    def global_dtypes(self) -> list[torch.dtype | None]:
-        """Each parameter's dtype on any rank (this rank's, in one process)."""
-        return self.dtypes if self.all_dtypes is None else self.all_dtypes
 
 
 def _shape(shape: torch.Size) -> tuple[int, ...]:
@@ -184,9 +96,9 @@ def check_params(params: object, name: str = "params") -> list[Tensor]:
 
 def _stacked_tensor(
     task_vectors: Tensor, name: str, params: list[Tensor] | None, allow_empty: bool
-) -> TaskBatch:
-    """A tensor ``[N, ...]`` (one parameter) or ``[N, sum(numel)]`` (several): per-parameter
-    ``[N, numel]`` views, no copy."""
+) -> Tasks:
+    """A tensor ``[N, ...]`` (one parameter) or ``[N, sum(numel)]`` (several), read as the
+    task matrix ``[N, P]`` (a view: no copy)."""
     if task_vectors.dim() == 0 or (task_vectors.shape[0] == 0 and not allow_empty):
         raise ValueError(
             f"`{name}` should be a tensor [N, ...] with N >= 1 tasks along dimension 0. "
@@ -195,9 +107,11 @@ def _stacked_tensor(
     if not task_vectors.is_floating_point():
         raise TypeError(f"`{name}` should have a floating-point dtype. Found {task_vectors.dtype}.")
     n = task_vectors.shape[0]
+    matrix = task_vectors
     if params is None or (len(params) == 1 and task_vectors.shape[1:] == params[0].shape):
         shapes = [task_vectors.shape[1:]]
-        columns = [task_vectors.reshape(n, shapes[0].numel())]
+        if task_vectors.dim() != 2:
+            matrix = task_vectors.reshape(n, shapes[0].numel())
     else:
         numels = [param.numel() for param in params]
         if task_vectors.dim() != 2 or task_vectors.shape[1] != sum(numels):
@@ -208,7 +122,6 @@ def _stacked_tensor(
                 f"single parameter or [N, {sum(numels)}] (flattened and concatenated)."
             )
         shapes = [param.shape for param in params]
-        columns = list(torch.split(task_vectors, numels, dim=1))
     if params is not None:
         for p, param in enumerate(params):
             if task_vectors.device != param.device:
@@ -216,34 +129,14 @@ def _stacked_tensor(
                     f"`{name}` is on device {task_vectors.device}; parameter {p} has "
                     f"{param.device}."
                 )
-    k = len(columns)
-    dtypes = [task_vectors.dtype if n else None] * k
-    return _stacked_batch(columns, shapes, dtypes, [task_vectors.device] * k, name, n)
-
-
-def _stacked_batch(
-    columns: list[Tensor],
-    shapes: list[torch.Size],
-    dtypes: list[torch.dtype | None],
-    devices: list[torch.device | None],
-    name: str,
-    n: int,
-) -> TaskBatch:
-    """Stacked columns ``[N, numel]`` as a batch (``dtypes``: ``None`` for N = 0)."""
-    return TaskBatch(
-        tasks=_Rows(columns, shapes, n),
-        name=name,
-        shapes=list(shapes),
-        dtypes=dtypes,
-        devices=devices,
-        stacked=columns,
-    )
+    dtypes = (task_vectors.dtype if n else None,) * len(shapes)
+    return Tasks(name, "matrix", matrix, n, tuple(shapes), dtypes, task_vectors.device)
 
 
 def _task_stack(
     stack: TaskStack, name: str, params: list[Tensor] | None, allow_empty: bool
-) -> TaskBatch:
-    """A :class:`TaskStack`: each column ``[N, *param.shape]``, as ``[N, numel]`` views.
+) -> Tasks:
+    """A :class:`TaskStack`: each column ``[N, *param.shape]``, read as it is.
 
     One pass over the columns reading each one's shape, dtype and device once; the
     messages come from :func:`_column_error`, which runs only when something is wrong.
@@ -258,28 +151,28 @@ def _task_stack(
         raise ValueError(f"`{name}` should hold at least one stacked tensor. Found none.")
     first = columns[0]
     n = first.shape[0] if isinstance(first, Tensor) and first.dim() else -1
-    flat: list[Tensor] = []
     shapes: list[torch.Size] = []
     dtypes: list[torch.dtype | None] = []
-    devices: list[torch.device | None] = []
     for p, column in enumerate(columns):
         if not isinstance(column, Tensor):
             _column_error(name, p, column, n, params)
         shape, dtype, device = column.shape, column.dtype, column.device
         if not shape or shape[0] != n or not dtype.is_floating_point:
             _column_error(name, p, column, n, params)
-        inner = shape[1:]
         if params is not None:
             param = params[p]
-            if inner != param.shape or device != param.device:
+            if shape[1:] != param.shape or device != param.device:
                 _column_error(name, p, column, n, params)
-        shapes.append(inner)
+        elif device != first.device:
+            raise ValueError(
+                f"`{name}` parameter {p} is on device {device}; parameter 0 is on "
+                f"{first.device}. ga_optim keeps a meta-batch on one device."
+            )
+        shapes.append(shape[1:])
         dtypes.append(dtype if n else None)
-        devices.append(device)
-        flat.append(column if len(shape) == 2 else column.reshape(n, inner.numel()))
     if n == 0 and not allow_empty:
         raise ValueError(f"`{name}` should hold at least one task. Found N = 0.")
-    return _stacked_batch(flat, shapes, dtypes, devices, name, n)
+    return Tasks(name, "columns", columns, n, tuple(shapes), tuple(dtypes), first.device)
 
 
 def stacked_shape_message(where: str, found: torch.Size, param_shape: torch.Size) -> str:
@@ -341,45 +234,6 @@ def _sequence_tasks(
             )
         tasks.append(list(task))
     return tasks
-
-
-def as_task_batch(
-    task_vectors: object,
-    name: str = "task_vectors",
-    params: list[Tensor] | None = None,
-    *,
-    allow_empty: bool = False,
-) -> TaskBatch:
-    """Validate per-task vectors and return them as a :class:`TaskBatch`.
-
-    Accepts a tensor ``[N, ...]`` (one parameter; or ``[N, sum(numel)]`` when ``params``
-    has several) or a :class:`TaskStack` (both read as stacked columns, without unbinding
-    the tasks), or a sequence of ``N`` sequences of tensors (``None`` counts as zeros).
-    Checks types, counts, shapes, dtypes and devices; values are checked later, for free,
-    from the results (see :func:`locate_non_finite`). ``allow_empty`` (a rank of a process
-    group with no task this step, ``params`` given) accepts zero tasks.
-    """
-    empty = allow_empty and params is not None
-    if isinstance(task_vectors, Tensor):
-        return _stacked_tensor(task_vectors, name, params, empty)
-    if isinstance(task_vectors, TaskStack):
-        return _task_stack(task_vectors, name, params, empty)
-    tasks = _sequence_tasks(task_vectors, name, empty)
-
-    num_params = len(params) if params is not None else len(tasks[0])
-    for i, task in enumerate(tasks):
-        if len(task) != num_params:
-            expected = (
-                f"one per parameter ({num_params})"
-                if params is not None
-                else f"as many as task 0 ({num_params})"
-            )
-            raise ValueError(f"`{name}[{i}]` holds {len(task)} tensors; expected {expected}.")
-    if num_params == 0:
-        raise ValueError(f"`{name}[0]` should hold at least one tensor. Found an empty sequence.")
-
-    shapes, dtypes, devices = _list_columns(tasks, name, params, num_params)
-    return TaskBatch(tasks=tasks, name=name, shapes=shapes, dtypes=dtypes, devices=devices)
 
 
 def _list_columns(
@@ -477,24 +331,6 @@ def check_gramian(gramian: object, name: str = "gramian") -> Tensor:
     return gramian
 
 
-def locate_non_finite(batch: TaskBatch) -> None:
-    """Raise a ValueError naming the first non-finite entry of ``batch``, if any.
-
-    The slow path: callers run it only once a result came out non-finite.
-    """
-    for i, task in enumerate(batch.tasks):
-        for p, vector in enumerate(task):
-            if vector is None:
-                continue
-            bad = (~torch.isfinite(vector)).nonzero()
-            if bad.numel():
-                index = tuple(bad[0].tolist())
-                value = vector[index].item()
-                raise NonFiniteError(
-                    f"`{batch.name}[{i}][{p}]` should be finite. Found {value} at index {index}."
-                )
-
-
 @dataclass(frozen=True)
 class Tasks:
     """Validated per-task vectors, before packing into the task matrix.
@@ -529,22 +365,37 @@ def as_tasks(
     tensor on one device); values are checked later, from the results. ``allow_empty`` (a
     rank of a process group with no task this step, ``params`` given) accepts zero tasks.
     """
-    batch = as_task_batch(task_vectors, name, params, allow_empty=allow_empty)
-    n = batch.num_tasks
-    shapes = tuple(torch.Size([0]) if s is None else s for s in batch.shapes)
-    devices = [d for d in batch.devices if d is not None] or [torch.device("cpu")]
-    for p, device in enumerate(batch.devices):
-        if device is not None and device != devices[0]:
-            raise ValueError(
-                f"`{name}` parameter {p} is on device {device}; parameter 0 is on "
-                f"{devices[0]}. ga_optim keeps a meta-batch on one device."
-            )
-    form: Literal["lists", "matrix", "columns"]
-    data: Any
+    empty = allow_empty and params is not None
     if isinstance(task_vectors, Tensor):
-        form, data = "matrix", task_vectors.reshape(n, sum(s.numel() for s in shapes))
-    elif isinstance(task_vectors, TaskStack):
-        form, data = "columns", task_vectors.columns
-    else:
-        form, data = "lists", batch.tasks
-    return Tasks(name, form, data, n, shapes, tuple(batch.dtypes), devices[0])
+        return _stacked_tensor(task_vectors, name, params, empty)
+    if isinstance(task_vectors, TaskStack):
+        return _task_stack(task_vectors, name, params, empty)
+    tasks = _sequence_tasks(task_vectors, name, empty)
+    num_params = len(params) if params is not None else len(tasks[0])
+    for i, task in enumerate(tasks):
+        if len(task) != num_params:
+            expected = (
+                f"one per parameter ({num_params})"
+                if params is not None
+                else f"as many as task 0 ({num_params})"
+            )
+            raise ValueError(f"`{name}[{i}]` holds {len(task)} tensors; expected {expected}.")
+    if num_params == 0:
+        raise ValueError(f"`{name}[0]` should hold at least one tensor. Found an empty sequence.")
+    shapes, dtypes, devices = _list_columns(tasks, name, params, num_params)
+    placed = [(p, d) for p, d in enumerate(devices) if d is not None]
+    for p, device in placed:
+        if device != placed[0][1]:
+            raise ValueError(
+                f"`{name}` parameter {p} is on device {device}; parameter {placed[0][0]} is "
+                f"on {placed[0][1]}. ga_optim keeps a meta-batch on one device."
+            )
+    return Tasks(
+        name,
+        "lists",
+        tasks,
+        len(tasks),
+        tuple(torch.Size([0]) if shape is None else shape for shape in shapes),
+        tuple(dtypes),
+        placed[0][1] if placed else torch.device("cpu"),
+    )

@@ -82,6 +82,7 @@ class Rows:
         self.filled = 0
         self._rows: list[list[Tensor]] = []
         self._columns: dict[int, list[Tensor]] = {}
+        self._matrices: dict[int, Tensor] = {}
 
     def reserve(self, n: int, *, keep: int = 0) -> None:
         """Room for ``n`` rows, the first ``keep`` of them kept."""
@@ -93,7 +94,7 @@ class Rows:
                 device=self.device,
             )
             grown[:keep] = self.storage[:keep]
-            self.storage, self._rows, self._columns = grown, [], {}
+            self.storage, self._rows, self._columns, self._matrices = grown, [], {}, {}
 
     def row(self, i: int) -> list[Tensor]:
         """Row ``i``'s views, one per parameter, shaped like it."""
@@ -115,7 +116,10 @@ class Rows:
 
     def matrix(self, n: int | None = None) -> Tensor:
         """The first ``n`` rows (default: those appended) as ``[n, P]``."""
-        return self.storage[: self.filled if n is None else n]
+        n = self.filled if n is None else n
+        if n not in self._matrices:
+            self._matrices[n] = self.storage[:n]
+        return self._matrices[n]
 
 
 def pack(tasks: Tasks, layout: Layout, dtype: torch.dtype, rows: Rows | None = None) -> Tensor:

@@ -162,8 +162,8 @@ class MetaGradientRecorder(WrapsAggregator):
             if missing:
                 torch._foreach_zero_(missing)
             row = self._deltas.append()
-            torch._foreach_copy_(row, [slow.detach() for slow in self.params])
-            torch._foreach_sub_(row, [fast.detach() for fast in adapted])
+            torch._foreach_copy_(row, self.params)
+            torch._foreach_sub_(row, adapted)
 
     def step(self, *, accumulate: bool = False) -> Tensor:
         """Weight the recorded tasks, write Σ w_i ∇L_i(θ_i) into ``.grad``, step, clear.

@@ -96,7 +96,7 @@ class AgreementReptile(WrapsAggregator):
             raise TypeError(
                 f"`learner` should be a torch.nn.Module. Found `{type(learner).__name__}`."
             )
-        fast = list(learner.parameters())
+        fast: list[Tensor] = list(learner.parameters())
         slow = self.aggregator.params
         if len(fast) != len(slow) or any(f.shape != s.shape for f, s in zip(fast, slow)):
             raise ValueError(
@@ -105,8 +105,8 @@ class AgreementReptile(WrapsAggregator):
             )
         with torch.no_grad():
             row = self._deltas.append()
-            torch._foreach_copy_(row, [s.detach() for s in slow])
-            torch._foreach_sub_(row, [f.detach() for f in fast])
+            torch._foreach_copy_(row, slow)
+            torch._foreach_sub_(row, fast)
 
     def step(self, *, accumulate: bool = False) -> Tensor:
         """Apply θ ← θ + α Σ w_i (θ_i − θ) through the outer optimizer; return the weights.

@@ -203,7 +203,7 @@ class GradientAgreementAggregator:
         self.layout = Layout([param.shape for param in self.params])
         self._rows: dict[tuple[str, torch.dtype], Rows] = {}  # packing space for lists
         self._updates: dict[torch.dtype, list[tuple[Tensor, list[Tensor]]]] = {}
-        self._turn = 0  # which of the two update buffers the next step writes
+        self._turn = 0  # which of the two update buffers the next call writes
 
     def __repr__(self) -> str:
         opt = type(self.optimizer).__name__ if self.optimizer is not None else None
@@ -310,74 +310,55 @@ class GradientAgreementAggregator:
             self._rows[key] = Rows(self.layout, dtype, self.params[0].device)
         return pack(tasks, self.layout, dtype, self._rows.get(key))
 
-    def _weigh(self, stat: Tensor, needs: str, dtype: torch.dtype) -> Tensor:
-        weights = (
-            self.weighting.from_gramian(stat)
-            if needs == "gramian"
-            else self.weighting.from_scores(stat)
-        )
-        return weights if weights.dtype == dtype else weights.to(dtype)
-
-    def _outputs(
-        self, update: Tensor, mode: _Mode, call: _Call, views: list[Tensor] | None
-    ) -> list[Tensor]:
-        """The update per parameter: views of ``update`` where the dtype is the one wanted
-        (the vectors' for aggregate, the parameter's for step), casts elsewhere."""
-        parts = views if views is not None else self.layout.split(update)
-        wanted = (
-            [p.dtype for p in self.params]
-            if mode == "step"
-            else [d or p.dtype for d, p in zip(call.dtypes, self.params)]
-        )
-        return [
-            part if part.dtype == dtype else part.to(dtype) for part, dtype in zip(parts, wanted)
-        ]
-
-    def _run(self, call: _Call, gramian: Tensor | None, mode: _Mode) -> _Result:
-        """The call's weights and update, with one value read back; :meth:`_careful` when
-        the flag is down."""
-        collective = self._collective
+    def _weigh(
+        self, call: _Call, measured: Tensor, gramian: Tensor | None, rescale: bool = False
+    ) -> tuple[str, Tensor, Tensor]:
+        """What the weighting reads (``rescale``: the scores in float64 on the matrix
+        scaled by a power of two), and the weights ``[N]`` in the matrix's dtype."""
         n = sum(call.counts)
-        matrix = self._pack(call.tasks, call.dtypes)
-        measured = (
-            matrix
-            if call.measured is call.tasks
-            else self._pack(call.measured, call.measured_dtypes)
-        )
-        needs = "gramian" if gramian is not None else self.weighting.needs
         if gramian is not None:
-            stat = check_gramian(gramian)
+            needs, stat = "gramian", check_gramian(gramian)
             if stat.shape[0] != n:
                 raise ValueError(
                     f"`gramian` is {tuple(stat.shape)}; `task_vectors` holds {n} tasks, so "
                     f"expected ({n}, {n})."
                 )
-            weights = self.weighting.from_gramian(stat)
         else:
-            stat = statistic(measured, needs, collective, call.counts)
-            weights = self._weigh(stat, needs, measured.dtype)
-        if weights.shape != (n,):
+            needs = self.weighting.needs
+            source = measured
+            if rescale and needs == "scores":
+                source = measured.double() * unit_scale(measured, self._collective)
+            stat = statistic(source, needs, self._collective, call.counts)
+        weights = (
+            self.weighting.from_gramian(stat)
+            if needs == "gramian"
+            else self.weighting.from_scores(stat)
+        )
+        return (
+            needs,
+            stat,
+            weights if weights.dtype == measured.dtype else weights.to(measured.dtype),
+        )
+
+    def _run(self, call: _Call, gramian: Tensor | None, mode: _Mode) -> _Result:
+        """The call's weights and update, with one value read back; :meth:`_careful` when
+        the flag is down."""
+        matrix = self._pack(call.tasks, call.dtypes)
+        measured = matrix
+        if call.measured is not call.tasks:
+            measured = self._pack(call.measured, call.measured_dtypes)
+        needs, stat, weights = self._weigh(call, measured, gramian)
+        if weights.shape != (sum(call.counts),):
             return self._careful(call, matrix, measured, gramian, mode)
         # A probe that is finite exactly when everything read and produced is (an
         # overflow of its own sum is a false alarm that only costs the careful path).
-        unread = None
+        update = None if mode == "weights" else self._combine(matrix, weights, call)
+        probe = weights.sum() if update is None else update.sum()
         if needs == "count" and self.non_finite == "raise":
             if measured is not matrix or mode == "weights":  # values Mean does not read
                 unread = measured.sum().reshape(1)
-        update, outputs = None, None
-        if mode == "weights":
-            if unread is not None:
-                collective.sum_([unread])
-            probe = weights.sum()
-        else:
-            extra = [] if unread is None else [unread]
-            update, outputs = self._combine(matrix, weights, call, mode, extra)
-            probe = update.sum()
-            for part in outputs:  # a cast to fp16/bf16 may overflow
-                if part.dtype.itemsize < update.dtype.itemsize:
-                    probe = probe + part.sum()
-        if unread is not None:
-            probe = probe + unread
+                self._collective.sum_(unread)
+                probe = probe + unread
         clear = None
         if needs == "scores":  # clear of underflow, and finite
             info = torch.finfo(stat.dtype)
@@ -385,37 +366,37 @@ class GradientAgreementAggregator:
             probe, clear = probe + largest, largest >= info.tiny / info.eps
         elif needs != "count":
             probe = probe + stat.sum()
+        outputs = None if update is None else self._outputs(update, mode, call)
+        for part in outputs or []:  # a cast to fp16/bf16 may overflow
+            if update is not None and part.dtype.itemsize < update.dtype.itemsize:
+                probe = probe + part.sum()
         flag = probe * 0 == 0
-        if clear is not None:
-            flag = flag & clear
-        if not bool(flag):  # the one value read back to the host
+        if not bool(flag if clear is None else flag & clear):  # the one value read back
             return self._careful(call, matrix, measured, gramian, mode)
-        return self._result(call, measured, weights, update, outputs)
+        return self._result(call, measured, weights, outputs)
 
-    def _combine(
-        self, matrix: Tensor, weights: Tensor, call: _Call, mode: _Mode, extra: list[Tensor]
-    ) -> tuple[Tensor, list[Tensor]]:
-        """``u = Jᵀw`` over every rank's tasks (this rank's share, all-reduced with the
-        ``extra`` tensors riding along), and its parts per parameter."""
+    def _combine(self, matrix: Tensor, weights: Tensor, call: _Call) -> Tensor:
+        """``u = Jᵀw`` over every rank's tasks (this rank's share, all-reduced), into the
+        update buffer that no ``.grad`` views now (two alternate, so a call that raises
+        leaves the last step's ``.grad`` as it was)."""
         local = weights[call.first : call.first + matrix.shape[0]] if self.distributed else weights
         if local.dtype != matrix.dtype:
             local = local.to(matrix.dtype)
-        into, views = None, None
-        if mode == "step":
-            into, views = self._update_buffer(matrix.dtype)
-        update = torch.mv(matrix.T, local, out=into)
-        if self._collective.exchanges:
-            self._collective.sum_([update, *extra])
-        return update, self._outputs(update, mode, call, views)
+        if matrix.dtype not in self._updates:
+            flats = [matrix.new_empty(self.layout.width) for _ in range(2)]
+            self._updates[matrix.dtype] = [(flat, self.layout.split(flat)) for flat in flats]
+        update = torch.mv(matrix.T, local, out=self._updates[matrix.dtype][self._turn][0])
+        self._collective.sum_(update)
+        return update
 
-    def _update_buffer(self, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
-        """The flat update buffer that no parameter's ``.grad`` views now (two alternate,
-        so a call that raises leaves the ``.grad`` of the last step as it was)."""
-        if dtype not in self._updates:
-            device = self.params[0].device
-            flats = [torch.empty(self.layout.width, dtype=dtype, device=device) for _ in range(2)]
-            self._updates[dtype] = [(flat, self.layout.split(flat)) for flat in flats]
-        return self._updates[dtype][self._turn]
+    def _outputs(self, update: Tensor, mode: _Mode, call: _Call) -> list[Tensor]:
+        """The update per parameter: for ``step``, views of the update buffer (cast where a
+        parameter has another dtype); for ``aggregate``, a copy in the vectors' dtypes."""
+        if mode == "step":
+            views = self._updates[update.dtype][self._turn][1]
+            return [v if v.dtype == p.dtype else v.to(p.dtype) for v, p in zip(views, self.params)]
+        wanted = [d or p.dtype for d, p in zip(call.dtypes, self.params)]
+        return [part.to(dtype, copy=True) for part, dtype in zip(self.layout.split(update), wanted)]
 
     def _careful(
         self, call: _Call, matrix: Tensor, measured: Tensor, gramian: Tensor | None, mode: _Mode
@@ -423,32 +404,24 @@ class GradientAgreementAggregator:
         """The same computation with a check after each stage: raises (on every rank)
         naming the rank, task and parameter of a non-finite value; rescales scores that
         over- or underflow; names a weighting whose weights are wrong."""
-        collective = self._collective
         n = sum(call.counts)
-        needs = "gramian" if gramian is not None else self.weighting.needs
         if self.non_finite == "raise":
 
             def find() -> None:
                 locate_non_finite(matrix, self.layout, call.tasks.name)
                 locate_non_finite(measured, self.layout, call.measured.name)
 
-            collective.raise_together(find)
+            self._collective.raise_together(find)
             unreadable = False
         else:
             bad = (~torch.isfinite(measured)).any().double().reshape(1)
-            collective.max_(bad)
-            unreadable = needs != "count" and bool(bad)
-        if unreadable:  # the weights read a non-finite value: they and the update are NaN
+            self._collective.max_(bad)
+            unreadable = self.weighting.needs != "count" and bool(bad)
+        if unreadable:
+            # the weights read a non-finite value: they and the whole update are NaN
             weights = torch.full((n,), math.nan, dtype=measured.dtype, device=measured.device)
-        elif gramian is not None:
-            weights = self.weighting.from_gramian(check_gramian(gramian))
         else:
-            source = measured
-            if needs == "scores":  # exact: a power of two, in float64
-                source = measured.double() * unit_scale(measured, collective)
-            weights = self._weigh(
-                statistic(source, needs, collective, call.counts), needs, measured.dtype
-            )
+            _, _, weights = self._weigh(call, measured, gramian, rescale=True)
             if weights.shape != (n,):
                 raise ValueError(
                     f"{self.weighting!r} returned weights of shape {tuple(weights.shape)}; "
@@ -459,29 +432,26 @@ class GradientAgreementAggregator:
                     f"{self.weighting!r} returned non-finite weights {weights.tolist()} "
                     "from finite input."
                 )
-        update, outputs = None, None
+        outputs = None
         if mode != "weights":
-            update, outputs = self._combine(matrix, weights, call, mode, [])
+            update = self._combine(matrix, weights, call)
+            outputs = self._outputs(update, mode, call)
             finite = all(bool(torch.isfinite(t).all()) for t in [update, *outputs])
             if not finite and self.non_finite == "raise":
                 raise ValueError(
                     "The weighted sum of `task_vectors` overflowed its dtype "
                     f"({update.dtype}); rescale the vectors or use a wider dtype."
                 )
-        return self._result(call, measured, weights, update, outputs)
+        return self._result(call, measured, weights, outputs)
 
     def _result(
-        self,
-        call: _Call,
-        measured: Tensor,
-        weights: Tensor,
-        update: Tensor | None,
-        outputs: list[Tensor] | None,
+        self, call: _Call, measured: Tensor, weights: Tensor, outputs: list[Tensor] | None
     ) -> _Result:
         collective = self._collective
         found = cosines(measured, collective, call.counts) if self.track_cosines else None
-        diagnostics = AgreementDiagnostics(weights, found, collective.bytes_sent)
-        return _Result(weights, outputs, diagnostics)
+        return _Result(
+            weights, outputs, AgreementDiagnostics(weights, found, collective.bytes_sent)
+        )
 
     # -- the three levels: weights, aggregate, step -------------------------------------
 

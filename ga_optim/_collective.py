@@ -1,7 +1,7 @@
 """What crosses the wire: the collectives behind a meta-batch spread over processes.
 
 The aggregator computes everything through a :class:`Collective`. In one process it is the
-identity (:class:`LocalCollective`); with a ``torch.distributed`` process group
+identity (:class:`Collective`); with a ``torch.distributed`` process group
 (:class:`GroupCollective`) each rank holds only its own tasks and the collectives make the
 result equal to one process over all tasks concatenated in rank order. What each weighting
 needs to see decides what is sent (see :class:`~ga_optim.Weighting`):
@@ -24,12 +24,12 @@ own tasks and :meth:`Collective.raise_together` raises the same exception everyw
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Collective", "GroupCollective", "LocalCollective", "make_collective"]
+__all__ = ["Collective", "GroupCollective", "make_collective"]
 
 _DTYPES = (None, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -43,72 +43,46 @@ def code_dtype(code: int) -> torch.dtype | None:
     return _DTYPES[code] if code < len(_DTYPES) else None
 
 
-class Collective(Protocol):
-    """The operations the aggregator needs across ranks."""
-
-    rank: int
-    world_size: int
-    #: Whether the collectives run at all (``False`` in one process, where each is the
-    #: identity, so that callers can skip preparing what they would send).
-    exchanges: bool
-    #: Payload bytes this rank handed to collectives since :meth:`reset_bytes`.
-    bytes_sent: int
-
-    def reset_bytes(self) -> None: ...
-
-    def agree(self, error: Exception | None, signature: list[int]) -> list[list[int]]:
-        """Exchange each rank's validation outcome and ``signature`` (a list of ints of the
-        same length everywhere); raise the first rank's error on every rank, or return
-        every rank's signature."""
-        ...
-
-    def sum_(self, tensors: Sequence[Tensor]) -> None:
-        """All-reduce (sum) ``tensors`` in place."""
-        ...
-
-    def max_(self, tensor: Tensor) -> None:
-        """All-reduce (max) ``tensor`` in place."""
-        ...
-
-    def gather(self, local: Tensor, counts: Sequence[int]) -> Tensor:
-        """Concatenate each rank's ``local`` (``[counts[rank], ...]``) in rank order."""
-        ...
-
-    def raise_together(self, find: Callable[[], None]) -> None:
-        """Every rank runs ``find`` (which raises if it finds a culprit among its own
-        tasks); the first rank's exception is raised on every rank. Returns only if no
-        rank raised. Call it on every rank or none."""
-        ...
-
-
-class LocalCollective:
-    """One process: every collective is the identity."""
+class Collective:
+    """The operations the aggregator needs across ranks; this base class is one process,
+    where every collective is the identity. :class:`GroupCollective` spans a process
+    group."""
 
     rank = 0
     world_size = 1
+    #: Whether the collectives run at all (``False`` in one process, so that callers can
+    #: skip preparing what they would send).
     exchanges = False
 
     def __init__(self) -> None:
+        #: Payload bytes this rank handed to collectives since :meth:`reset_bytes`.
         self.bytes_sent = 0
 
     def reset_bytes(self) -> None:
         self.bytes_sent = 0
 
     def agree(self, error: Exception | None, signature: list[int]) -> list[list[int]]:
+        """Exchange each rank's validation outcome and ``signature`` (a list of ints of the
+        same length everywhere); raise the first rank's error on every rank, or return
+        every rank's signature."""
         if error is not None:
             raise error
         return [signature]
 
-    def sum_(self, tensors: Sequence[Tensor]) -> None:
-        return None
+    def sum_(self, tensor: Tensor) -> None:
+        """All-reduce (sum) ``tensor`` in place."""
 
     def max_(self, tensor: Tensor) -> None:
-        return None
+        """All-reduce (max) ``tensor`` in place."""
 
     def gather(self, local: Tensor, counts: Sequence[int]) -> Tensor:
+        """Concatenate each rank's ``local`` (``[counts[rank], ...]``) in rank order."""
         return local
 
     def raise_together(self, find: Callable[[], None]) -> None:
+        """Every rank runs ``find`` (which raises if it finds a culprit among its own
+        tasks); the first rank's exception is raised on every rank. Returns only if no
+        rank raised. Call it on every rank or none."""
         find()
 
 
@@ -119,7 +93,7 @@ def _rebuild(kind: type[Exception], message: str) -> Exception:
         return RuntimeError(message)
 
 
-class GroupCollective:
+class GroupCollective(Collective):
     """A ``torch.distributed`` process group (gloo, NCCL, ...).
 
     P-sized tensors travel on their own device (NCCL needs CUDA tensors; gloo moves CPU
@@ -132,6 +106,7 @@ class GroupCollective:
     def __init__(self, group: Any) -> None:
         import torch.distributed as dist
 
+        super().__init__()
         self._dist = dist
         self.group = group
         self.rank = dist.get_rank(group)
@@ -142,10 +117,6 @@ class GroupCollective:
             if "gloo" in backend or not torch.cuda.is_available()
             else torch.device("cuda", torch.cuda.current_device())
         )
-        self.bytes_sent = 0
-
-    def reset_bytes(self) -> None:
-        self.bytes_sent = 0
 
     def _count(self, tensor: Tensor) -> None:
         self.bytes_sent += tensor.numel() * tensor.element_size()
@@ -189,23 +160,9 @@ class GroupCollective:
         if int(flag.item()):
             self._raise_first(error)
 
-    def sum_(self, tensors: Sequence[Tensor]) -> None:
-        # One all-reduce per (dtype, device): the tensors are packed into one flat buffer.
-        groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-        for t in tensors:
-            groups.setdefault((t.dtype, t.device), []).append(t)
-        for members in groups.values():
-            if len(members) == 1 and members[0].is_contiguous():
-                buffer = members[0]
-            else:
-                buffer = torch.cat([t.reshape(-1) for t in members])
-            self._count(buffer)
-            self._dist.all_reduce(buffer, group=self.group)
-            if buffer is not members[0]:
-                offset = 0
-                for t in members:
-                    t.copy_(buffer[offset : offset + t.numel()].view(t.shape))
-                    offset += t.numel()
+    def sum_(self, tensor: Tensor) -> None:
+        self._count(tensor)
+        self._dist.all_reduce(tensor, group=self.group)
 
     def max_(self, tensor: Tensor) -> None:
         self._count(tensor)
@@ -225,9 +182,10 @@ class GroupCollective:
 
 
 def make_collective(process_group: object) -> Collective:
-    """``None`` → :class:`LocalCollective`; a process group → :class:`GroupCollective`."""
+    """``None`` → one process (:class:`Collective`); a process group →
+    :class:`GroupCollective`."""
     if process_group is None:
-        return LocalCollective()
+        return Collective()
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():

@@ -52,7 +52,7 @@ def statistic(matrix: Tensor, needs: str, collective: Collective, counts: Sequen
         total = matrix.T @ inverse
     else:
         total = matrix.sum(0)
-    collective.sum_([total])
+    collective.sum_(total)
     scores = matrix @ total
     return collective.gather(scores if inverse is None else inverse * scores, counts)
 

@@ -7,11 +7,11 @@ import math
 import torch
 from hypothesis import given
 
-from ga_optim._collective import LocalCollective
+from ga_optim._collective import Collective
 from ga_optim._statistics import cosines, statistic, unit_scale
 from ga_optim.testing import reference_gramian, task_batches
 
-LOCAL = LocalCollective()
+LOCAL = Collective()
 
 
 def _matrix(batch: list[list[torch.Tensor]]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -136,11 +136,7 @@ def _stacked_tensor(
 def _task_stack(
     stack: TaskStack, name: str, params: list[Tensor] | None, allow_empty: bool
 ) -> Tasks:
-    """A :class:`TaskStack`: each column ``[N, *param.shape]``, read as it is.
-
-    One pass over the columns reading each one's shape, dtype and device once; the
-    messages come from :func:`_column_error`, which runs only when something is wrong.
-    """
+    """A :class:`TaskStack`: each column ``[N, *param.shape]``, read as it is."""
     columns = stack.columns
     if params is not None and len(columns) != len(params):
         raise ValueError(
@@ -151,28 +147,33 @@ def _task_stack(
         raise ValueError(f"`{name}` should hold at least one stacked tensor. Found none.")
     first = columns[0]
     n = first.shape[0] if isinstance(first, Tensor) and first.dim() else -1
-    shapes: list[torch.Size] = []
-    dtypes: list[torch.dtype | None] = []
     for p, column in enumerate(columns):
+        where = f"`{name}` parameter {p}"
         if not isinstance(column, Tensor):
-            _column_error(name, p, column, n, params)
-        shape, dtype, device = column.shape, column.dtype, column.device
-        if not shape or shape[0] != n or not dtype.is_floating_point:
-            _column_error(name, p, column, n, params)
-        if params is not None:
-            param = params[p]
-            if shape[1:] != param.shape or device != param.device:
-                _column_error(name, p, column, n, params)
-        elif device != first.device:
-            raise ValueError(
-                f"`{name}` parameter {p} is on device {device}; parameter 0 is on "
-                f"{first.device}. ga_optim keeps a meta-batch on one device."
+            raise TypeError(
+                f"{where} should be a Tensor [N, ...]. Found `{type(column).__name__}`."
             )
-        shapes.append(shape[1:])
-        dtypes.append(dtype if n else None)
+        if not column.is_floating_point():
+            raise TypeError(f"{where} should have a floating-point dtype. Found {column.dtype}.")
+        if column.dim() == 0:
+            raise ValueError(f"{where} should be [N, ...] with the tasks along dimension 0.")
+        if column.shape[0] != n:
+            raise ValueError(
+                f"{where} holds {column.shape[0]} tasks along dimension 0; parameter 0 "
+                f"holds {n}. Every parameter should hold the same tasks."
+            )
+        param = first if params is None else params[p]
+        if params is not None and column.shape[1:] != param.shape:
+            raise ValueError(stacked_shape_message(where, column.shape, param.shape))
+        if column.device != param.device:
+            raise ValueError(
+                f"{where} is on device {column.device}; the parameter is on {param.device}."
+            )
     if n == 0 and not allow_empty:
         raise ValueError(f"`{name}` should hold at least one task. Found N = 0.")
-    return Tasks(name, "columns", columns, n, tuple(shapes), tuple(dtypes), first.device)
+    shapes = tuple(column.shape[1:] for column in columns)
+    dtypes = tuple(column.dtype if n else None for column in columns)
+    return Tasks(name, "columns", columns, n, shapes, dtypes, first.device)
 
 
 def stacked_shape_message(where: str, found: torch.Size, param_shape: torch.Size) -> str:
@@ -183,30 +184,6 @@ def stacked_shape_message(where: str, found: torch.Size, param_shape: torch.Size
         f"[N, {', '.join(map(str, param_shape))}] for a parameter of shape "
         f"{_shape(param_shape)}."
     )
-
-
-def _column_error(
-    name: str, p: int, column: object, n: int, params: list[Tensor] | None
-) -> NoReturn:
-    """Raise what is wrong with column ``p`` of a :class:`TaskStack` (``n``: the tasks
-    that column 0 holds)."""
-    where = f"`{name}` parameter {p}"
-    if not isinstance(column, Tensor):
-        raise TypeError(f"{where} should be a Tensor [N, ...]. Found `{type(column).__name__}`.")
-    if not column.is_floating_point():
-        raise TypeError(f"{where} should have a floating-point dtype. Found {column.dtype}.")
-    if column.dim() == 0:
-        raise ValueError(f"{where} should be [N, ...] with the tasks along dimension 0.")
-    if column.shape[0] != n:
-        raise ValueError(
-            f"{where} holds {column.shape[0]} tasks along dimension 0; parameter 0 "
-            f"holds {n}. Every parameter should hold the same tasks."
-        )
-    assert params is not None
-    param = params[p]
-    if column.shape[1:] != param.shape:
-        raise ValueError(stacked_shape_message(where, column.shape, param.shape))
-    raise ValueError(f"{where} is on device {column.device}; the parameter is on {param.device}.")
 
 
 def _sequence_tasks(
@@ -240,75 +217,54 @@ def _list_columns(
     tasks: list[list[Tensor | None]], name: str, params: list[Tensor] | None, num_params: int
 ) -> tuple[list[torch.Size | None], list[torch.dtype | None], list[torch.device | None]]:
     """Each parameter's shape, dtype and device across per-task lists, or the error that
-    names the first task and parameter that disagree."""
+    names the first task and parameter that disagree. Shapes and devices must match the
+    parameter (or, without one, the first task that has it); dtypes must agree across
+    tasks but may differ from the parameter's (e.g. fp16 gradients of fp32 weights)."""
     shapes: list[torch.Size | None] = []
     dtypes: list[torch.dtype | None] = []
     devices: list[torch.device | None] = []
     for p in range(num_params):
-        # Shapes and devices must match the parameter (or, without one, the first task that
-        # has this parameter); dtypes must agree across tasks but may differ from the
-        # parameter's (e.g. fp16 gradients of fp32 weights).
-        present = [vector for task in tasks if (vector := task[p]) is not None]
-        if present and _alike(present, params[p] if params else None):
-            reference = params[p] if params else present[0]
-            shapes.append(reference.shape)
-            dtypes.append(present[0].dtype)
-            devices.append(reference.device)
-            continue
-        # Something is wrong (or no task has the parameter): find what, in task order.
         first: Tensor | None = None
-        first_what = ""
-        for i, task in enumerate(tasks):
-            vector = task[p]
+        for i, vector in enumerate(task[p] for task in tasks):
             if vector is None:
                 continue
-            where = f"`{name}[{i}][{p}]`"
-            if not isinstance(vector, Tensor):
-                raise TypeError(
-                    f"{where} should be a Tensor or None. Found `{type(vector).__name__}`."
-                )
-            if not vector.is_floating_point():
+            if not isinstance(vector, Tensor) or not vector.is_floating_point():
+                where = f"`{name}[{i}][{p}]`"
+                if not isinstance(vector, Tensor):
+                    found = type(vector).__name__
+                    raise TypeError(f"{where} should be a Tensor or None. Found `{found}`.")
                 raise TypeError(
                     f"{where} should have a floating-point dtype. Found {vector.dtype}."
                 )
             if first is None:
-                first, first_what = vector, f"task {i} has"
-            ref, ref_what = (params[p], f"parameter {p} has") if params else (first, first_what)
-            if vector.shape != ref.shape:
-                raise ValueError(
-                    f"{where} has shape {_shape(vector.shape)}; {ref_what} "
-                    f"{_shape(ref.shape)} for the same parameter."
-                )
-            if vector.device != ref.device:
-                raise ValueError(
-                    f"{where} is on device {vector.device}; {ref_what} {ref.device} "
-                    "for the same parameter."
-                )
-            if vector.dtype != first.dtype:
+                first, first_task = vector, i
+            ref = first if params is None else params[p]
+            if (
+                vector.shape != ref.shape
+                or vector.device != ref.device
+                or vector.dtype != first.dtype
+            ):
+                where = f"`{name}[{i}][{p}]`"
+                ref_what = f"task {first_task} has" if params is None else f"parameter {p} has"
+                if vector.shape != ref.shape:
+                    raise ValueError(
+                        f"{where} has shape {_shape(vector.shape)}; {ref_what} "
+                        f"{_shape(ref.shape)} for the same parameter."
+                    )
+                if vector.device != ref.device:
+                    raise ValueError(
+                        f"{where} is on device {vector.device}; {ref_what} {ref.device} "
+                        "for the same parameter."
+                    )
                 raise TypeError(
-                    f"{where} has dtype {vector.dtype}; {first_what} {first.dtype} "
+                    f"{where} has dtype {vector.dtype}; task {first_task} has {first.dtype} "
                     "for the same parameter."
                 )
-        shape_ref = params[p] if params else first
-        shapes.append(None if shape_ref is None else shape_ref.shape)
+        reference = first if params is None else params[p]
+        shapes.append(None if reference is None else reference.shape)
         dtypes.append(None if first is None else first.dtype)
-        devices.append(None if shape_ref is None else shape_ref.device)
+        devices.append(None if reference is None else reference.device)
     return shapes, dtypes, devices
-
-
-def _alike(vectors: Sequence[object], param: Tensor | None) -> bool:
-    """Whether ``vectors`` are floating-point tensors of one dtype, all shaped and placed
-    like ``param`` (or, without one, like the first): the common case, checked in one
-    sweep; the per-entry loop that names the culprit runs only when this is false."""
-    first = vectors[0]
-    if not isinstance(first, Tensor) or not first.is_floating_point():
-        return False
-    reference = first if param is None else param
-    shape, device, dtype = reference.shape, reference.device, first.dtype
-    return all(
-        isinstance(v, Tensor) and v.shape == shape and v.dtype == dtype and v.device == device
-        for v in vectors
-    )
 
 
 def check_gramian(gramian: object, name: str = "gramian") -> Tensor:

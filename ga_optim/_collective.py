@@ -81,9 +81,14 @@ class Collective:
 
     def raise_together(self, find: Callable[[], None]) -> None:
         """Every rank runs ``find`` (which raises if it finds a culprit among its own
-        tasks); the first rank's exception is raised on every rank. Returns only if no
-        rank raised. Call it on every rank or none."""
-        find()
+        tasks); the first rank's exception is raised on every rank (through
+        :meth:`agree`). Returns only if no rank raised. Call it on every rank or none."""
+        error: Exception | None = None
+        try:
+            find()
+        except (TypeError, ValueError) as found:
+            error = found
+        self.agree(error, [])
 
 
 def _rebuild(kind: type[Exception], message: str) -> Exception:
@@ -122,11 +127,10 @@ class GroupCollective(Collective):
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
     def agree(self, error: Exception | None, signature: list[int]) -> list[list[int]]:
-        width = 1 + len(signature)
-        table = torch.zeros(self.world_size, width, dtype=torch.int64)
-        table[self.rank, 0] = 0 if error is None else 1
-        if error is None:
-            table[self.rank, 1:] = torch.tensor(signature, dtype=torch.int64)
+        table = torch.zeros(self.world_size, 1 + len(signature), dtype=torch.int64)
+        table[self.rank] = torch.tensor(
+            [1, *[0] * len(signature)] if error is not None else [0, *signature]
+        )
         table = table.to(self._control_device)
         self._count(table)
         self._dist.all_reduce(table, group=self.group)
@@ -147,19 +151,6 @@ class GroupCollective(Collective):
                 raise raised from error
         raise RuntimeError("A rank reported an error but sent no message.")  # pragma: no cover
 
-    def raise_together(self, find: Callable[[], None]) -> None:
-        error: Exception | None = None
-        try:
-            find()
-        except (TypeError, ValueError) as found:
-            error = found
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
-        flag = flag.to(self._control_device)
-        self._count(flag)
-        self._dist.all_reduce(flag, group=self.group)
-        if int(flag.item()):
-            self._raise_first(error)
-
     def sum_(self, tensor: Tensor) -> None:
         self._count(tensor)
         self._dist.all_reduce(tensor, group=self.group)
@@ -170,10 +161,7 @@ class GroupCollective(Collective):
 
     def gather(self, local: Tensor, counts: Sequence[int]) -> Tensor:
         # all_gather needs equal sizes: pad every rank's block to the largest count.
-        largest = max(counts)
-        if largest == 0:
-            return local.new_zeros((0, *local.shape[1:]))
-        padded = local.new_zeros((largest, *local.shape[1:]))
+        padded = local.new_zeros((max(counts), *local.shape[1:]))
         padded[: local.shape[0]] = local
         blocks = [torch.empty_like(padded) for _ in range(self.world_size)]
         self._count(padded)

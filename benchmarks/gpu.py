@@ -88,6 +88,23 @@ class PlainListMean:
         return self.params[0].new_ones(())
 
 
+class PlainRowsMean:
+    """The unweighted reference for recorded rows (what the adapters pass: one matrix
+    ``[N, P]``): ``mean(0)``, its per-parameter views into ``.grad``, step."""
+
+    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+        self.params = params
+        self.numels = [p.numel() for p in params]
+        self.optimizer = optimizer
+
+    def step(self, task_vectors: torch.Tensor, **_: Any) -> torch.Tensor:
+        mean = task_vectors.mean(0)
+        for param, part in zip(self.params, torch.split(mean, self.numels)):
+            param.grad = part.view(param.shape)
+        self.optimizer.step()
+        return mean.new_ones(())
+
+
 VARIANTS = ("reference", "mean", "agreement")
 
 
@@ -208,7 +225,28 @@ def list_step(variant: str, model: torch.nn.Module) -> PlainListMean | GradientA
     return GradientAgreementAggregator(params, opt, weighting=weighting)
 
 
-HOST_FORMS = ("reptile", "maml", "list reptile", "list maml")
+def rows_step(variant: str, model: torch.nn.Module) -> PlainRowsMean | GradientAgreementAggregator:
+    """One variant's outer step for recorded rows ``[N, P]`` (SGD, lr 1e-4)."""
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=1e-4)
+    if variant == "reference":
+        return PlainRowsMean(params, opt)
+    weighting = Mean() if variant == "mean" else Agreement()
+    return GradientAgreementAggregator(params, opt, weighting=weighting)
+
+
+HOST_FORMS = (
+    "reptile",
+    "maml",
+    "list reptile",
+    "list maml",
+    "recorded reptile",
+    "recorded maml",
+)
+#: Issue 18's host-time targets: (form, Mean / ref bound, Agreement / ref bound).
+HOST_TARGETS = [
+    (form, 1.5, 2.0) for form in ("reptile", "maml", "recorded reptile", "recorded maml")
+]
 
 
 def host_overhead(args: Any) -> dict[str, float]:
@@ -226,6 +264,8 @@ def host_overhead(args: Any) -> dict[str, float]:
     deltas = {k: 0.01 * v for k, v in stacked.items()}
     lists = [[stacked[k][i] for k in named] for i in range(32)]
     list_deltas = [[deltas[k][i] for k in named] for i in range(32)]
+    rows = torch.cat([stacked[k].reshape(32, -1) for k in named], dim=1)
+    row_deltas = torch.cat([deltas[k].reshape(32, -1) for k in named], dim=1)
     runs: dict[str, Callable[[], Any]] = {}
     for form, agreement in (("reptile", None), ("maml", deltas)):
         for variant in VARIANTS:
@@ -238,6 +278,12 @@ def host_overhead(args: Any) -> dict[str, float]:
             aggregator = list_step(variant, model)
             runs[f"{form} {variant}"] = lambda s=aggregator, a=list_agreement: s.step(
                 lists, agreement_vectors=a
+            )
+    for form, row_agreement in (("recorded reptile", None), ("recorded maml", row_deltas)):
+        for variant in VARIANTS:
+            recorded = rows_step(variant, model)
+            runs[f"{form} {variant}"] = lambda s=recorded, a=row_agreement: s.step(
+                rows, agreement_vectors=a
             )
     return interleaved(runs, args.rounds, 20, device)
 
@@ -267,6 +313,8 @@ def launches(args: Any) -> dict[str, int]:
         deltas = {k: 0.01 * v for k, v in stacked.items()}
         lists = [[torch.randn(s, generator=gen).to(device) for s in LIST_SIZES] for _ in range(n)]
         list_deltas = [[0.01 * t for t in task] for task in lists]
+        rows = torch.stack([torch.cat(task) for task in lists])
+        row_deltas = 0.01 * rows
         for variant in VARIANTS:
             for form, agreement in (("reptile", None), ("maml", deltas)):
                 step: Any = outer_step(variant, model)
@@ -277,6 +325,11 @@ def launches(args: Any) -> dict[str, int]:
                 step = list_step(variant, big)
                 counts[f"{form} {variant} {n}"] = _count(
                     lambda s=step, v=lists, a=list_agreement: s.step(v, agreement_vectors=a), device
+                )
+            for form, row_agreement in (("recorded reptile", None), ("recorded maml", row_deltas)):
+                step = rows_step(variant, big)
+                counts[f"{form} {variant} {n}"] = _count(
+                    lambda s=step, v=rows, a=row_agreement: s.step(v, agreement_vectors=a), device
                 )
     return counts
 
@@ -367,6 +420,19 @@ def main() -> None:
         print(
             f"| {form} | {ref:.0f} | {mean:.0f} | {agree:.0f} | {mean / ref:.1f} | "
             f"{agree / ref:.1f} |"
+        )
+    print("\nHost-time targets of issue 18 (ratios to the unweighted reference, as printed above)")
+    print("| form | Mean / ref | bound | met | Agreement / ref | bound | met |")
+    print("|---|---|---|---|---|---|---|")
+    for form, mean_bound, agree_bound in HOST_TARGETS:
+        ref = host[f"{form} reference"]
+        mean, agree = (
+            round(host[f"{form} mean"] / ref, 1),
+            round(host[f"{form} agreement"] / ref, 1),
+        )
+        print(
+            f"| {form} | {mean:.1f} | ≤ {mean_bound:g} | {'yes' if mean <= mean_bound else 'no'} "
+            f"| {agree:.1f} | ≤ {agree_bound:g} | {'yes' if agree <= agree_bound else 'no'} |"
         )
     counted = launches(args)
     what = "CUDA kernels and copies" if args.device == "cuda" else "dispatched CPU operators"

@@ -224,8 +224,27 @@ def _list_columns(
     dtypes: list[torch.dtype | None] = []
     devices: list[torch.device | None] = []
     for p in range(num_params):
-        first: Tensor | None = None
-        for i, vector in enumerate(task[p] for task in tasks):
+        column = [task[p] for task in tasks]
+        first = next((v for v in column if v is not None), None)
+        if isinstance(first, Tensor) and first.is_floating_point():  # one sweep first
+            ref = first if params is None else params[p]
+            shape, dtype, device = ref.shape, first.dtype, ref.device
+            if all(
+                v is None
+                or (
+                    isinstance(v, Tensor)
+                    and v.shape == shape
+                    and v.dtype == dtype
+                    and v.device == device
+                )
+                for v in column
+            ):
+                shapes.append(shape)
+                dtypes.append(dtype)
+                devices.append(device)
+                continue
+        first = None
+        for i, vector in enumerate(column):
             if vector is None:
                 continue
             if not isinstance(vector, Tensor) or not vector.is_floating_point():

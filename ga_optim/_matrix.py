@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._checks import NonFiniteError, Tasks
 
-__all__ = ["Layout", "Rows", "accumulation_dtype", "locate_non_finite", "pack"]
+__all__ = ["Layout", "Rows", "accumulation_dtype", "finite_probe", "locate_non_finite", "pack"]
 
 
 def accumulation_dtype(dtypes: Sequence[torch.dtype | None]) -> torch.dtype:
@@ -81,7 +81,7 @@ class Rows:
         self.storage = torch.empty(0, layout.width, dtype=dtype, device=device)
         self.filled = 0
         self._rows: list[list[Tensor]] = []
-        self._columns: dict[int, list[Tensor]] = {}
+        self._columns: dict[object, list[Tensor]] = {}
         self._matrices: dict[int, Tensor] = {}
 
     def reserve(self, n: int, *, keep: int = 0) -> None:
@@ -101,6 +101,12 @@ class Rows:
         while len(self._rows) <= i:
             self._rows.append(self.layout.split(self.storage[len(self._rows)]))
         return self._rows[i]
+
+    def flat_views(self, n: int) -> list[Tensor]:
+        """Rows ``0 … n-1``'s views, one after the other (row-major)."""
+        if ("flat", n) not in self._columns:
+            self._columns[("flat", n)] = [view for i in range(n) for view in self.row(i)]
+        return self._columns[("flat", n)]
 
     def column_views(self, n: int) -> list[Tensor]:
         """The first ``n`` rows as one view ``[n, *shape]`` per parameter."""
@@ -136,19 +142,27 @@ def pack(tasks: Tasks, layout: Layout, dtype: torch.dtype, rows: Rows | None = N
     if tasks.form == "columns":
         targets, sources = rows.column_views(n), list(tasks.data)
     else:
-        targets, sources, zeros = [], [], []
-        for i, task in enumerate(tasks.data):
-            for view, vector in zip(rows.row(i), task):
-                if vector is None:
-                    zeros.append(view)
-                else:
-                    targets.append(view)
-                    sources.append(vector)
-        if zeros:
-            torch._foreach_zero_(zeros)
+        targets = rows.flat_views(n)
+        sources = [vector for task in tasks.data for vector in task]
+        if any(vector is None for vector in sources):  # zeros, and copy the others
+            torch._foreach_zero_([t for t, v in zip(targets, sources) if v is None])
+            kept = [(t, v) for t, v in zip(targets, sources) if v is not None]
+            targets, sources = [t for t, _ in kept], [v for _, v in kept]
     if targets:
         torch._foreach_copy_(targets, sources)
     return rows.matrix(n)
+
+
+def finite_probe(tasks: Tasks) -> Tensor:
+    """A 0-d tensor that is finite exactly when every entry of ``tasks`` is (their norms'
+    sum: an overflow of the squares is a false alarm), read off the input as it is, for
+    values no weighting reads (:class:`~ga_optim.Mean`'s agreement vectors): no packing."""
+    if tasks.form == "matrix":
+        matrix: Tensor = tasks.data
+        return matrix.sum().float()
+    given = tasks.data if tasks.form == "columns" else [v for task in tasks.data for v in task]
+    present = [t for t in given if t is not None]
+    return torch.stack(torch._foreach_norm(present)).sum().float() if present else torch.zeros(())
 
 
 def locate_non_finite(matrix: Tensor, layout: Layout, name: str) -> None:

@@ -6,16 +6,18 @@ is the median over rounds, and the ratio is this checkout's time over the other'
 every way a meta-batch arrives, one meta-batch's arrival and outer step is timed:
 
 * ``AgreementReptile``: N × ``record(learner)`` (learners adapted beforehand), ``step()``;
-* ``AgreementMAML`` (learn2learn, first order, so that the query graph can be reused):
-  N × (query forward, ``backward(loss, learner)``), ``step()`` (the Omniglot scale only);
+* ``AgreementMAML`` (learn2learn, first order, so that the learners adapted beforehand
+  can be reused): N × (query forward, ``backward(loss, learner)``), ``step()`` (the
+  Omniglot scale only);
 * per-task lists to ``aggregator.step``, Reptile and MAML forms;
 * ``FuncAgreement`` dicts ``{name: [N, *shape]}``, Reptile and MAML forms.
 
 Two scales: the Omniglot conv-4 (18 tensors, P = 112 261) at N = 32, and N = 32 tasks of
 P = 1e7 in 4 tensors (50/30/15/5 %). Targets (issue 18): at the Omniglot scale no form
 slower than before (ratio ≤ 1), at P = 1e7 no form above 1.5. ``--memory`` adds, at
-P = 1e7, what one outer step allocates once it is warm (the rise of the peak resident set
-size over one step, in units of P floats) and what the aggregator keeps between steps.
+P = 1e7, the bytes the first outer step allocates (what the library keeps between steps,
+plus one step's own) and a warm step's, counted per dispatched operator (deterministic;
+the recording of adapter tasks is included).
 
     git worktree add /tmp/before COMMIT
     .venv/bin/python benchmarks/versus.py --before /tmp/before [--memory]
@@ -36,6 +38,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 FORMS = (
     "AgreementReptile.record + step",
@@ -162,28 +166,40 @@ def interleaved(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, fl
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+class Allocated(TorchDispatchMode):
+    """Bytes of the new storages that the operators dispatched from Python create (views,
+    in-place and ``out=`` results reuse a storage and are not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        given = {
+            t.untyped_storage().data_ptr()
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
 def memory(
     lib: ModuleType, form: str, weighting: str, model: nn.Module, n: int
 ) -> tuple[float, float]:
-    """(peak rise during one warm step, resident rise from before the first step to after
-    the second), both in units of P floats."""
+    """Bytes allocated by the first outer step (what the library keeps, plus what one step
+    takes) and by a warm one, in units of P floats (the update is 1)."""
     p = sum(t.numel() for t in model.parameters())
     run = prepare(lib, form, weighting, model, n, 0)
-    start = _rss("VmRSS")
-    run()
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to now
-    before = _rss("VmRSS")
-    run()
-    peak = _rss("VmHWM") - before
-    kept = _rss("VmRSS") - start
-    return peak / (4 * p), kept / (4 * p)
-
-
-def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
+    found = []
+    for _ in range(2):
+        with Allocated() as counter:
+            run()
+        found.append(counter.bytes / (4 * p))
+    return found[0], found[1]
 
 
 def main() -> None:
@@ -227,7 +243,7 @@ def main() -> None:
         if scale in worst:
             print(f"\n{scale}: worst now / before {worst[scale]:.2f} (target ≤ {bound:g})")
     if args.memory:
-        print("\nMemory at N = 32, P = 1e7 (units of P floats): peak rise in one warm step / kept")
+        print("\nAllocated at N = 32, P = 1e7 (units of P floats): first step / warm step")
         print("| form | weighting | before | now |")
         print("|---|---|---|---|")
         for form in FORMS:

@@ -165,3 +165,56 @@ def test_with_checkout_imports_ga_optim_from_the_given_checkout(tmp_path: Path) 
         text=True,
     )
     assert missing.returncode != 0  # no ga_optim there: refused, not silently the installed one
+
+
+def test_step_ops_meets_issue_18s_operation_targets() -> None:
+    """Operation counts are deterministic, so the targets are asserted here: at most 30
+    operations per outer step for every arrival form, the same at N = 4 and 32, Mean
+    never above Agreement, one value read back."""
+    require("learn2learn", "bash scripts/install_learn2learn.sh")
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "step_ops.py")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| how")
+    ]
+    assert len(rows) == 6
+    for row in rows:
+        (mean_few, mean_many), (agree_few, agree_many) = (
+            [int(x) for x in cell.split(" → ")] for cell in row[1:3]
+        )
+        assert mean_few == mean_many and agree_few == agree_many, row
+        assert 0 < mean_few <= agree_few <= 30, row
+        assert row[3] == "1", row
+    assert "30 operations per step (worst " in result.stdout and ": not met" not in result.stdout
+
+
+def test_versus_runs_against_a_checkout_quick() -> None:
+    """This checkout against itself: every form timed with both, every time positive."""
+    require("learn2learn", "bash scripts/install_learn2learn.sh")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "versus.py"),
+            "--before",
+            str(BENCHMARKS.parent),
+            "--quick",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in result.stdout.splitlines()
+        if line.startswith("| Omniglot")
+    ]
+    assert len(rows) == 12
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
+    assert "ga_optim_before" in result.stdout

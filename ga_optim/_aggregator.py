@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ._checks import Tasks, as_tasks, check_gramian, check_params
 from ._collective import code_dtype, dtype_code, make_collective
-from ._matrix import Layout, Rows, accumulation_dtype, finite_probe, locate_non_finite, pack
+from ._matrix import Layout, Rows, accumulation_dtype, locate_non_finite, pack
 from ._statistics import cosines, statistic, unit_scale
 from ._weightings import Agreement, Weighting
 
@@ -344,22 +344,21 @@ class GradientAgreementAggregator:
         """The call's weights and update, with one value read back; :meth:`_careful` when
         the flag is down."""
         matrix = self._pack(call.tasks, call.dtypes)
-        unread = self.weighting.needs == "count" and gramian is None
         measured = matrix
-        if call.measured is not call.tasks and not unread:  # Mean reads no value of them
+        if call.measured is not call.tasks:
             measured = self._pack(call.measured, call.measured_dtypes)
         needs, stat, weights = self._weigh(call, measured, gramian)
         if weights.shape != (sum(call.counts),):
-            return self._careful(call, matrix, gramian, mode)
+            return self._careful(call, matrix, measured, gramian, mode)
         # A probe that is finite exactly when everything read and produced is (an
         # overflow of its own sum is a false alarm that only costs the careful path).
         update = None if mode == "weights" else self._combine(matrix, weights, call)
         probe = weights.sum() if update is None else update.sum()
-        if unread and self.non_finite == "raise":  # finite all the same
-            if call.measured is not call.tasks or mode == "weights":
-                values = finite_probe(call.measured).to(probe.device).reshape(1)
-                self._collective.sum_(values)
-                probe = probe + values
+        if needs == "count" and self.non_finite == "raise":  # values Mean does not read
+            if measured is not matrix or mode == "weights":
+                unread = measured.sum().reshape(1)
+                self._collective.sum_(unread)
+                probe = probe + unread
         clear = None
         if needs == "scores":  # clear of underflow, and finite
             info = torch.finfo(stat.dtype)
@@ -373,9 +372,8 @@ class GradientAgreementAggregator:
                 probe = probe + part.sum()
         flag = probe * 0 == 0
         if not bool(flag if clear is None else flag & clear):  # the one value read back
-            return self._careful(call, matrix, gramian, mode)
-        packed = None if unread and call.measured is not call.tasks else measured
-        return self._result(call, packed, weights, outputs)
+            return self._careful(call, matrix, measured, gramian, mode)
+        return self._result(call, measured, weights, outputs)
 
     def _combine(self, matrix: Tensor, weights: Tensor, call: _Call) -> Tensor:
         """``u = Jᵀw`` over every rank's tasks (this rank's share, all-reduced), into the
@@ -400,14 +398,13 @@ class GradientAgreementAggregator:
         wanted = [d or p.dtype for d, p in zip(call.dtypes, self.params)]
         return [part.to(dtype, copy=True) for part, dtype in zip(self.layout.split(update), wanted)]
 
-    def _careful(self, call: _Call, matrix: Tensor, gramian: Tensor | None, mode: _Mode) -> _Result:
+    def _careful(
+        self, call: _Call, matrix: Tensor, measured: Tensor, gramian: Tensor | None, mode: _Mode
+    ) -> _Result:
         """The same computation with a check after each stage: raises (on every rank)
         naming the rank, task and parameter of a non-finite value; rescales scores that
         over- or underflow; names a weighting whose weights are wrong."""
         n = sum(call.counts)
-        measured = matrix
-        if call.measured is not call.tasks:
-            measured = self._pack(call.measured, call.measured_dtypes)
         if self.non_finite == "raise":
 
             def find() -> None:
@@ -448,16 +445,10 @@ class GradientAgreementAggregator:
         return self._result(call, measured, weights, outputs)
 
     def _result(
-        self, call: _Call, measured: Tensor | None, weights: Tensor, outputs: list[Tensor] | None
+        self, call: _Call, measured: Tensor, weights: Tensor, outputs: list[Tensor] | None
     ) -> _Result:
-        """The result, with the cosines if tracked (``measured``: the packed agreement
-        vectors, or ``None`` where they were not packed)."""
         collective = self._collective
-        found = None
-        if self.track_cosines:
-            if measured is None:
-                measured = self._pack(call.measured, call.measured_dtypes)
-            found = cosines(measured, collective, call.counts)
+        found = cosines(measured, collective, call.counts) if self.track_cosines else None
         return _Result(
             weights, outputs, AgreementDiagnostics(weights, found, collective.bytes_sent)
         )

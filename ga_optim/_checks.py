@@ -147,7 +147,17 @@ def _task_stack(
         raise ValueError(f"`{name}` should hold at least one stacked tensor. Found none.")
     first = columns[0]
     n = first.shape[0] if isinstance(first, Tensor) and first.dim() else -1
-    for p, column in enumerate(columns):
+    refs = [first] * len(columns) if params is None else params
+    shapes = [c.shape[1:] if isinstance(c, Tensor) and c.dim() else None for c in columns]
+    for p, (column, shape, ref) in enumerate(zip(columns, shapes, refs)):
+        if (
+            shape is not None
+            and column.shape[0] == n
+            and column.is_floating_point()
+            and (params is None or shape == ref.shape)
+            and column.device == ref.device
+        ):
+            continue  # the common case: nothing to say
         where = f"`{name}` parameter {p}"
         if not isinstance(column, Tensor):
             raise TypeError(
@@ -171,9 +181,8 @@ def _task_stack(
             )
     if n == 0 and not allow_empty:
         raise ValueError(f"`{name}` should hold at least one task. Found N = 0.")
-    shapes = tuple(column.shape[1:] for column in columns)
     dtypes = tuple(column.dtype if n else None for column in columns)
-    return Tasks(name, "columns", columns, n, shapes, dtypes, first.device)
+    return Tasks(name, "columns", columns, n, tuple(shapes), dtypes, first.device)  # type: ignore[arg-type]
 
 
 def stacked_shape_message(where: str, found: torch.Size, param_shape: torch.Size) -> str:

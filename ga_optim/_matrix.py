@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._checks import NonFiniteError, Tasks
 
-__all__ = ["Layout", "Rows", "accumulation_dtype", "finite_probe", "locate_non_finite", "pack"]
+__all__ = ["Layout", "Rows", "accumulation_dtype", "locate_non_finite", "pack"]
 
 
 def accumulation_dtype(dtypes: Sequence[torch.dtype | None]) -> torch.dtype:
@@ -151,18 +151,6 @@ def pack(tasks: Tasks, layout: Layout, dtype: torch.dtype, rows: Rows | None = N
     if targets:
         torch._foreach_copy_(targets, sources)
     return rows.matrix(n)
-
-
-def finite_probe(tasks: Tasks) -> Tensor:
-    """A 0-d tensor that is finite exactly when every entry of ``tasks`` is (their norms'
-    sum: an overflow of the squares is a false alarm), read off the input as it is, for
-    values no weighting reads (:class:`~ga_optim.Mean`'s agreement vectors): no packing."""
-    if tasks.form == "matrix":
-        matrix: Tensor = tasks.data
-        return matrix.sum().float()
-    given = tasks.data if tasks.form == "columns" else [v for task in tasks.data for v in task]
-    present = [t for t in given if t is not None]
-    return torch.stack(torch._foreach_norm(present)).sum().float() if present else torch.zeros(())
 
 
 def locate_non_finite(matrix: Tensor, layout: Layout, name: str) -> None:

@@ -328,7 +328,9 @@ class GradientAgreementAggregator:
             source = measured
             if rescale and needs == "scores":
                 source = measured.double() * unit_scale(measured, self._collective)
-            stat = statistic(source, needs, self._collective, call.counts)
+            # The task sum lives in the update buffer until the update overwrites it.
+            spare = self._buffer(source.dtype)[0] if not rescale else None
+            stat = statistic(source, needs, self._collective, call.counts, spare)
         weights = (
             self.weighting.from_gramian(stat)
             if needs == "gramian"
@@ -382,18 +384,24 @@ class GradientAgreementAggregator:
         local = weights[call.first : call.first + matrix.shape[0]] if self.distributed else weights
         if local.dtype != matrix.dtype:
             local = local.to(matrix.dtype)
-        if matrix.dtype not in self._updates:
-            flats = [matrix.new_empty(self.layout.width) for _ in range(2)]
-            self._updates[matrix.dtype] = [(flat, self.layout.split(flat)) for flat in flats]
-        update = torch.mv(matrix.T, local, out=self._updates[matrix.dtype][self._turn][0])
+        update = torch.mv(matrix.T, local, out=self._buffer(matrix.dtype)[0])
         self._collective.sum_(update)
         return update
+
+    def _buffer(self, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+        """The flat update buffer ``[P]`` (and its per-parameter views) that no ``.grad``
+        views now."""
+        if dtype not in self._updates:
+            device = self.params[0].device
+            flats = [torch.empty(self.layout.width, dtype=dtype, device=device) for _ in range(2)]
+            self._updates[dtype] = [(flat, self.layout.split(flat)) for flat in flats]
+        return self._updates[dtype][self._turn]
 
     def _outputs(self, update: Tensor, mode: _Mode, call: _Call) -> list[Tensor]:
         """The update per parameter: for ``step``, views of the update buffer (cast where a
         parameter has another dtype); for ``aggregate``, a copy in the vectors' dtypes."""
         if mode == "step":
-            views = self._updates[update.dtype][self._turn][1]
+            views = self._buffer(update.dtype)[1]
             return [v if v.dtype == p.dtype else v.to(p.dtype) for v, p in zip(views, self.params)]
         wanted = [d or p.dtype for d, p in zip(call.dtypes, self.params)]
         return [part.to(dtype, copy=True) for part, dtype in zip(self.layout.split(update), wanted)]

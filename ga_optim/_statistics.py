@@ -33,9 +33,16 @@ from ._collective import Collective
 __all__ = ["cosines", "statistic", "unit_scale"]
 
 
-def statistic(matrix: Tensor, needs: str, collective: Collective, counts: Sequence[int]) -> Tensor:
+def statistic(
+    matrix: Tensor,
+    needs: str,
+    collective: Collective,
+    counts: Sequence[int],
+    scratch: Tensor | None = None,
+) -> Tensor:
     """The statistic ``needs`` names (see :class:`~ga_optim.Weighting`) of every rank's
-    tasks, from this rank's rows ``matrix``: scores ``[N]``, or the Gramian ``[N, N]``."""
+    tasks, from this rank's rows ``matrix``: scores ``[N]``, or the Gramian ``[N, N]``.
+    ``scratch`` (``[P]``, the matrix's dtype) holds the task sum instead of a new tensor."""
     if needs == "count":
         return matrix.new_zeros(sum(counts))
     if needs == "gramian":
@@ -51,7 +58,7 @@ def statistic(matrix: Tensor, needs: str, collective: Collective, counts: Sequen
         inverse = torch.where(norms > 0, 1.0 / norms, 0.0)
         total = matrix.T @ inverse
     else:
-        total = matrix.sum(0)
+        total = matrix.sum(0) if scratch is None else torch.sum(matrix, 0, out=scratch)
     collective.sum_(total)
     scores = matrix @ total
     return collective.gather(scores if inverse is None else inverse * scores, counts)

@@ -215,22 +215,13 @@ def large(args: Any) -> dict[str, float]:
     return out
 
 
-def list_step(variant: str, model: torch.nn.Module) -> PlainListMean | GradientAgreementAggregator:
-    """One variant's outer step for per-task lists (SGD, lr 1e-4)."""
+def list_step(variant: str, model: torch.nn.Module, reference: type = PlainListMean) -> Any:
+    """One variant's outer step for per-task lists, or (``reference=PlainRowsMean``) for
+    recorded rows ``[N, P]`` (SGD, lr 1e-4)."""
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=1e-4)
     if variant == "reference":
-        return PlainListMean(params, opt)
-    weighting = Mean() if variant == "mean" else Agreement()
-    return GradientAgreementAggregator(params, opt, weighting=weighting)
-
-
-def rows_step(variant: str, model: torch.nn.Module) -> PlainRowsMean | GradientAgreementAggregator:
-    """One variant's outer step for recorded rows ``[N, P]`` (SGD, lr 1e-4)."""
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=1e-4)
-    if variant == "reference":
-        return PlainRowsMean(params, opt)
+        return reference(params, opt)
     weighting = Mean() if variant == "mean" else Agreement()
     return GradientAgreementAggregator(params, opt, weighting=weighting)
 
@@ -281,7 +272,7 @@ def host_overhead(args: Any) -> dict[str, float]:
             )
     for form, row_agreement in (("recorded reptile", None), ("recorded maml", row_deltas)):
         for variant in VARIANTS:
-            recorded = rows_step(variant, model)
+            recorded = list_step(variant, model, PlainRowsMean)
             runs[f"{form} {variant}"] = lambda s=recorded, a=row_agreement: s.step(
                 rows, agreement_vectors=a
             )
@@ -327,7 +318,7 @@ def launches(args: Any) -> dict[str, int]:
                     lambda s=step, v=lists, a=list_agreement: s.step(v, agreement_vectors=a), device
                 )
             for form, row_agreement in (("recorded reptile", None), ("recorded maml", row_deltas)):
-                step = rows_step(variant, big)
+                step = list_step(variant, big, PlainRowsMean)
                 counts[f"{form} {variant} {n}"] = _count(
                     lambda s=step, v=rows, a=row_agreement: s.step(v, agreement_vectors=a), device
                 )

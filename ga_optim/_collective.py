@@ -50,9 +50,6 @@ class Collective:
 
     rank = 0
     world_size = 1
-    #: Whether the collectives run at all (``False`` in one process, so that callers can
-    #: skip preparing what they would send).
-    exchanges = False
 
     def __init__(self) -> None:
         #: Payload bytes this rank handed to collectives since :meth:`reset_bytes`.
@@ -105,8 +102,6 @@ class GroupCollective(Collective):
     and CUDA tensors); the small control tensors travel on the CPU for gloo and on the
     current CUDA device otherwise. A group of one rank still runs every collective.
     """
-
-    exchanges = True
 
     def __init__(self, group: Any) -> None:
         import torch.distributed as dist

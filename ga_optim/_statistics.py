@@ -12,12 +12,31 @@ each rank holds its own rows, and what crosses the wire is named below):
 * ``"gramian"``: :math:`G = J J^\top` in float64 (every rank's rows gathered, N × P floats);
 * ``"count"``: nothing but N.
 
-**Numerics.** Scores are accumulated in the matrix's dtype (at least float32). Where they
-are not finite or fall below ``tiny/eps`` of it (subnormal products lose digits), the
-caller recomputes them on the matrix scaled by the power of two :func:`unit_scale` in
-float64: exact, so the weights do not change and sums that cancel exactly still do. Unit
-scores are float64, each row first scaled by its own power of two, so no norm under- or
-overflows whatever the task's magnitude.
+**Numerics: one policy, for every weighting and both paths (vectors and Gramian).**
+
+* *Accumulation.* The task matrix is kept in at least float32 (fp16/bf16 vectors are
+  accumulated in float32, float32 in float32, float64 in float64); scores and weights
+  come in the matrix's dtype. Unit scores and a Gramian built from vectors are float64.
+* *Overflow and underflow of the scores.* Scores that are not finite, or whose largest
+  magnitude falls below ``tiny/eps`` of their dtype (subnormal products lose digits),
+  send the call to the aggregator's careful path, which recomputes them in float64 on the
+  matrix scaled by the power of two :func:`unit_scale`: exact, so the weights do not
+  change and sums that cancel exactly still do. Unit scores scale each row by its own
+  power of two first, so no norm under- or overflows whatever a task's magnitude.
+  Normalising divides by ``Σ|r|`` after a power-of-two scaling
+  (:func:`~ga_optim._weightings.to_unit_range`), so it cannot overflow.
+* *Zero denominators.* All scores zero (all-zero vectors, or a zero mean update) give
+  uniform ``1/N``; :class:`~ga_optim.NonNegativeAgreement` gives uniform weights when no
+  score is positive; :class:`~ga_optim.CosineAgreement` when ``Σ r̂ ≤ 4·N²·eps`` (the
+  same rule from vectors and from a Gramian).
+* *Non-finite input* raises :class:`~ga_optim.NonFiniteError` naming the task and
+  parameter (``non_finite="propagate"`` lets it through to ``.grad`` instead). The check
+  is one device flag over what a step read and produced; the scan that names the culprit
+  (:func:`~ga_optim._matrix.locate_non_finite`) runs only when the flag is down.
+* *What floating point determines.* Weights are determined to about ``κ·N·eps``, with
+  ``κ = (Σ‖g_i‖)² / Σ|g_i·Σ g_j|`` counting the cancellation in the task sum
+  (:func:`ga_optim.testing.condition_number`); the two paths agree to that, which is what
+  the property tests check.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ own::
         assert_weighting_invariants(Agreement(), batch)
 
 Every assertion recomputes what it needs in float64 from the dense Gramian
-``G = J Jᵀ`` — independently of ga_optim's O(N·P) kernels — and works on any object with a
-``weights(task_vectors)`` method (a :class:`~ga_optim.Weighting` or a
+``G = J Jᵀ`` — independently of the O(N·P) matrix products ga_optim runs — and works on
+any object with a ``weights(task_vectors)`` method (a :class:`~ga_optim.Weighting` or a
 :class:`~ga_optim.GradientAgreementAggregator`). Needs hypothesis:
 ``pip install 'ga-optim[testing]'``.
 """

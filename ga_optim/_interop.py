@@ -1,6 +1,6 @@
 """TorchJD interop, both ways: its Gramian weightings in meta-learning loops, ours in its API.
 
-TorchJD (``pip install 'ga-optim[torchjd]'``) weights the rows of a Jacobian from their
+TorchJD (``pip install "torchjd[quadprog-projector]"``) weights the rows of a Jacobian from their
 Gramian ``G = J Jᵀ``: UPGrad, MGDA, DualProj, AlignedMTL, IMTL-G, CAGrad, …, each a
 ``torchjd.aggregation.Weighting`` that maps ``G [m, m]`` to weights ``[m]``. A ga_optim
 weighting maps the same Gramian of the tasks' update vectors to weights, so each side's
@@ -84,7 +84,7 @@ def _to_torchjd_class() -> type:
         except ImportError as error:  # pragma: no cover - exercised only without torchjd
             raise ImportError(
                 "ga_optim.to_torchjd needs torchjd. Install it with: "
-                "pip install 'ga-optim[torchjd]'"
+                'pip install "torchjd[quadprog-projector]"'
             ) from error
 
         class GaOptimWeighting(TorchJDWeighting):  # type: ignore[type-arg]

@@ -15,7 +15,7 @@ Every assertion recomputes what it needs in float64 from the dense Gramian
 ``G = J Jᵀ`` — independently of the O(N·P) matrix products ga_optim runs — and works on
 any object with a ``weights(task_vectors)`` method (a :class:`~ga_optim.Weighting` or a
 :class:`~ga_optim.GradientAgreementAggregator`). Needs hypothesis:
-``pip install 'ga-optim[testing]'``.
+``pip install hypothesis``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ try:
     from hypothesis import strategies as st
 except ImportError as error:  # pragma: no cover - exercised only without hypothesis
     raise ImportError(
-        "ga_optim.testing needs hypothesis. Install it with: pip install 'ga-optim[testing]'"
+        "ga_optim.testing needs hypothesis. Install it with: pip install hypothesis"
     ) from error
 
 __all__ = [

@@ -31,8 +31,7 @@ try:
     import higher as _higher
 except ImportError as error:  # pragma: no cover - exercised only without higher
     raise ImportError(
-        "ga_optim.adapters.higher needs higher. Install it with: "
-        "pip install 'ga-optim[higher]'  (or: pip install higher==0.2.1)"
+        "ga_optim.adapters.higher needs higher. Install it with: pip install higher==0.2.1"
     ) from error
 
 __all__ = ["AgreementHigher"]

@@ -13,12 +13,15 @@ A stock learn2learn loop changes in four lines::
             agree.backward(query_loss(learner), learner)    # was: query_loss.backward()
         agree.step()                                        # was: p.grad /= N; opt.step()
 
-Needs learn2learn; ``pip install learn2learn`` does not build on Python 3.11, so use the
-repository's ``scripts/install_learn2learn.sh``.
+Needs learn2learn 0.2.0: ``pip install learn2learn==0.2.0`` on Python 3.10; on 3.11 and later
+its sdist must be rebuilt (the repository's ``scripts/install_learn2learn.sh``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from typing import Any
 
 import torch
@@ -30,12 +33,18 @@ from ._recorder import AgreementOn, MetaGradientRecorder
 from .reptile import AgreementReptile
 
 try:
-    import learn2learn as l2l
+    _stderr = io.StringIO()
+    with contextlib.redirect_stderr(_stderr):  # gym prints a banner when learn2learn loads it
+        import learn2learn as l2l
+    sys.stderr.write(
+        "".join(line for line in _stderr.getvalue().splitlines(True) if "gym" not in line.lower())
+    )
 except ImportError as error:  # pragma: no cover - exercised only without learn2learn
     raise ImportError(
-        "ga_optim.adapters.learn2learn needs learn2learn 0.2.0. On Python 3.11 its sdist "
-        "must be rebuilt: run `bash scripts/install_learn2learn.sh` from the ga_optim "
-        "repository (or `pip install learn2learn` on Python <= 3.9)."
+        "ga_optim.adapters.learn2learn needs learn2learn 0.2.0, which ships only as an "
+        "sdist. On Python 3.10: pip install learn2learn==0.2.0 (it compiles). On Python "
+        "3.11 and later its generated C files no longer compile: rebuild them with Cython "
+        "3.0 as the ga_optim repository's scripts/install_learn2learn.sh does."
     ) from error
 
 __all__ = ["AgreementMAML", "AgreementReptile"]

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests._optional import require
+
 BLOCK = """
 import sys
 class _Missing:
@@ -45,8 +47,9 @@ def test_ga_optim_imports_without_optional_libraries() -> None:
 @pytest.mark.parametrize(
     ("module", "blocked", "command"),
     [
-        ("ga_optim.adapters.learn2learn", "learn2learn", "bash scripts/install_learn2learn.sh"),
-        ("ga_optim.adapters.higher", "higher", "pip install 'ga-optim[higher]'"),
+        ("ga_optim.adapters.learn2learn", "learn2learn", "pip install learn2learn==0.2.0"),
+        ("ga_optim.adapters.learn2learn", "learn2learn", "scripts/install_learn2learn.sh"),
+        ("ga_optim.adapters.higher", "higher", "pip install higher==0.2.1"),
     ],
 )
 def test_adapter_without_its_library_names_the_install_command(
@@ -62,4 +65,24 @@ def test_to_torchjd_without_torchjd_names_the_install_command() -> None:
     result = _run("import ga_optim\nga_optim.to_torchjd(ga_optim.Agreement())", {"torchjd"})
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("ImportError:") and "pip install 'ga-optim[torchjd]'" in last
+    assert last.startswith("ImportError:") and 'pip install "torchjd[quadprog-projector]"' in last
+
+
+def test_testing_without_hypothesis_names_the_install_command() -> None:
+    result = _run("import ga_optim.testing", {"hypothesis"})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError:") and "pip install hypothesis" in last
+
+
+def test_the_learn2learn_adapter_imports_without_a_word_from_gym() -> None:
+    """learn2learn imports gym, whose import prints a four-line banner; ours prints none."""
+    require("learn2learn", "bash scripts/install_learn2learn.sh")
+    result = subprocess.run(
+        [sys.executable, "-c", "import ga_optim.adapters.learn2learn"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == "", result.stderr

@@ -21,22 +21,22 @@ AgreementOn = Literal["deltas", "meta_gradients"]
 class MetaGradientRecorder(WrapsAggregator):
     """Keeps each task's meta-gradient and inner-loop delta apart, then applies Algorithm 1.
 
-        The base of the MAML-style adapters (learn2learn, higher), which add a ``backward``
-        that knows where their library keeps the adapted weights.
+    The base of the MAML-style adapters (learn2learn, higher), which add a ``backward``
+    that knows where their library keeps the adapted weights.
 
-        ``loss.backward()`` would sum the tasks' meta-gradients into ``.grad`` and lose them;
-        :meth:`record_task` keeps them per task, each written straight into its row of a task
-    matrix (and θ − θ_i into its row of a second one), so :meth:`step` copies no task vector.
-    :meth:`step` weights them (by default with
-        agreement measured on the inner-loop deltas θ − θ_i, Algorithm 1 lines 7–9), writes
-        Σ w_i ∇L_i(θ_i) into ``.grad`` and steps the optimizer (if one was given).
+    ``loss.backward()`` would sum the tasks' meta-gradients into ``.grad`` and lose them;
+    :meth:`record_task` keeps them per task, each written straight into its row of a task
+    matrix (and θ − θ_i into its row of a second one), so :meth:`step` copies no task
+    vector. :meth:`step` weights them (by default with agreement measured on the
+    inner-loop deltas θ − θ_i, Algorithm 1 lines 7–9), writes Σ w_i ∇L_i(θ_i) into
+    ``.grad`` and steps the optimizer (if one was given).
 
-        Under a ``torch.amp.GradScaler`` (``backward(scaler.scale(loss), ...)``) the weights
-        do not depend on the loss scale: the deltas are unscaled, and agreement on scaled
-        meta-gradients is scale-free too; the ``.grad`` written carries the scale, so
-        ``scaler.step(opt)`` unscales it. Build the adapter with ``optimizer=None`` and
-        ``non_finite="propagate"`` so that an overflow reaches the scaler as inf (it skips the
-        step) instead of raising.
+    Under a ``torch.amp.GradScaler`` (``backward(scaler.scale(loss), ...)``) the weights
+    do not depend on the loss scale: the deltas are unscaled, and agreement on scaled
+    meta-gradients is scale-free too; the ``.grad`` written carries the scale, so
+    ``scaler.step(opt)`` unscales it. Build the adapter with ``optimizer=None`` and
+    ``non_finite="propagate"`` so that an overflow reaches the scaler as inf (it skips the
+    step) instead of raising.
     """
 
     def __init__(

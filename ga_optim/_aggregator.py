@@ -114,6 +114,13 @@ class GradientAgreementAggregator:
             (``init_process_group(timeout=...)``) runs out, or sooner if the backend sees
             the connection close.
 
+    Attributes:
+        last_weights: the weights ``[N]`` of the last :meth:`step` or :meth:`aggregate`
+            (``None`` before the first).
+        last_diagnostics: what that call saw, an :class:`~ga_optim.AgreementDiagnostics`
+            (``None`` before the first).
+        num_steps: how many :meth:`step` calls have completed (kept by :meth:`state_dict`).
+
     Distributed use (``torchrun --nproc_per_node 2 train.py``)::
 
         torch.distributed.init_process_group("gloo")        # "nccl" with one GPU a rank

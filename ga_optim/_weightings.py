@@ -48,14 +48,14 @@ class Weighting:
     ``needs`` says what the weights read, and so what the aggregator computes and what
     crosses the wire between ranks:
 
-    =============== ======================================== ================================
-    ``needs``       ``from_scores`` receives                 per step, in a process group
-    =============== ======================================== ================================
-    ``"count"``     zeros ``[N]`` (only N matters)           the update: P floats (as DDP)
-    ``"scores"``    :math:`r = G\mathbf 1`                    2 × P floats + N scores
+    ================= ======================================= =============================
+    ``needs``         ``from_scores`` receives                per step, in a process group
+    ================= ======================================= =============================
+    ``"count"``       zeros ``[N]`` (only N matters)          the update: P floats (as DDP)
+    ``"scores"``      :math:`r = G\mathbf 1`                  2 × P floats + N scores
     ``"unit_scores"`` :math:`\hat G\mathbf 1` of unit vectors 2 × P floats + N scores
-    ``"gramian"``   (``from_gramian`` gets ``G``)            N × P + P floats
-    =============== ======================================== ================================
+    ``"gramian"``     (``from_gramian`` gets ``G``)           N × P + P floats
+    ================= ======================================= =============================
 
     Weights are computed in float64 from float64 statistics where the input is float64,
     and returned in the vectors' accumulation dtype (float32 for fp16/bf16/fp32).

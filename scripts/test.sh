@@ -11,4 +11,6 @@ echo "== setup done after $(( SECONDS - start )) s; now lint, types and the test
 .venv/bin/ruff check ga_optim tests benchmarks examples docs
 .venv/bin/ruff format --check ga_optim tests benchmarks examples docs
 .venv/bin/mypy
+echo "== the documentation site (scripts/docs.sh): offline, warnings are errors"
+bash scripts/docs.sh
 .venv/bin/python -m pytest "$@"

@@ -14,7 +14,7 @@ A stock learn2learn loop changes in four lines::
         agree.step()                                        # was: p.grad /= N; opt.step()
 
 Needs learn2learn 0.2.0: ``pip install learn2learn==0.2.0`` on Python 3.10; on 3.11 and later
-its sdist must be rebuilt (the repository's ``scripts/install_learn2learn.sh``).
+its sdist must be rebuilt (the commands are in the installation guide).
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ except ImportError as error:  # pragma: no cover - exercised only without learn2
     raise ImportError(
         "ga_optim.adapters.learn2learn needs learn2learn 0.2.0, which ships only as an "
         "sdist. On Python 3.10: pip install learn2learn==0.2.0 (it compiles). On Python "
-        "3.11 and later its generated C files no longer compile: rebuild them with Cython "
-        "3.0 as the ga_optim repository's scripts/install_learn2learn.sh does."
+        "3.11 and later its generated C files no longer compile: regenerate them with "
+        "Cython 3.0 and install it into this environment with the five commands of "
+        "ga_optim's installation guide (docs/site/install.md, 'learn2learn'); in a ga_optim "
+        "checkout, bash scripts/install_learn2learn.sh does it for .venv."
     ) from error
 
 __all__ = ["AgreementMAML", "AgreementReptile"]

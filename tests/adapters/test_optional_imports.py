@@ -48,7 +48,7 @@ def test_ga_optim_imports_without_optional_libraries() -> None:
     ("module", "blocked", "command"),
     [
         ("ga_optim.adapters.learn2learn", "learn2learn", "pip install learn2learn==0.2.0"),
-        ("ga_optim.adapters.learn2learn", "learn2learn", "scripts/install_learn2learn.sh"),
+        ("ga_optim.adapters.learn2learn", "learn2learn", "docs/site/install.md, 'learn2learn'"),
         ("ga_optim.adapters.higher", "higher", "pip install higher==0.2.1"),
     ],
 )

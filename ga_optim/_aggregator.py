@@ -336,7 +336,7 @@ class GradientAgreementAggregator:
             if rescale and needs == "scores":
                 source = measured.double() * unit_scale(measured, self._collective)
             # The task sum lives in the update buffer until the update overwrites it.
-            spare = self._buffer(source.dtype)[0] if not rescale else None
+            spare = self._buffer(source.dtype)[0] if needs == "scores" and not rescale else None
             stat = statistic(source, needs, self._collective, call.counts, spare)
         weights = (
             self.weighting.from_gramian(stat)
@@ -361,8 +361,16 @@ class GradientAgreementAggregator:
             return self._careful(call, matrix, measured, gramian, mode)
         # A probe that is finite exactly when everything read and produced is (an
         # overflow of its own sum is a false alarm that only costs the careful path).
-        update = None if mode == "weights" else self._combine(matrix, weights, call)
-        probe = weights.sum() if update is None else update.sum()
+        update = outputs = None
+        if mode == "weights":
+            probe = weights.sum()
+        else:
+            update = self._combine(matrix, weights, call)
+            outputs = self._outputs(update, mode, call)
+            probe = update.sum()
+            for part in outputs:  # a cast to fp16/bf16 may overflow
+                if part.dtype.itemsize < update.dtype.itemsize:
+                    probe = probe + part.sum()
         if needs == "count" and self.non_finite == "raise":  # values Mean does not read
             if measured is not matrix or mode == "weights":
                 unread = measured.sum().reshape(1)
@@ -375,10 +383,6 @@ class GradientAgreementAggregator:
             probe, clear = probe + largest, largest >= info.tiny / info.eps
         elif needs != "count":
             probe = probe + stat.sum()
-        outputs = None if update is None else self._outputs(update, mode, call)
-        for part in outputs or []:  # a cast to fp16/bf16 may overflow
-            if update is not None and part.dtype.itemsize < update.dtype.itemsize:
-                probe = probe + part.sum()
         flag = probe * 0 == 0
         if not bool(flag if clear is None else flag & clear):  # the one value read back
             return self._careful(call, matrix, measured, gramian, mode)

@@ -122,13 +122,10 @@ def _stacked_tensor(
                 f"single parameter or [N, {sum(numels)}] (flattened and concatenated)."
             )
         shapes = [param.shape for param in params]
-    if params is not None:
-        for p, param in enumerate(params):
-            if task_vectors.device != param.device:
-                raise ValueError(
-                    f"`{name}` is on device {task_vectors.device}; parameter {p} has "
-                    f"{param.device}."
-                )
+    if params is not None and task_vectors.device != params[0].device:  # (one device)
+        raise ValueError(
+            f"`{name}` is on device {task_vectors.device}; parameter 0 has {params[0].device}."
+        )
     dtypes = (task_vectors.dtype if n else None,) * len(shapes)
     return Tasks(name, "matrix", matrix, n, tuple(shapes), dtypes, task_vectors.device)
 

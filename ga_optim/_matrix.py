@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._checks import NonFiniteError, Tasks
 
-__all__ = ["Layout", "Rows", "accumulation_dtype", "locate_non_finite", "pack"]
+__all__ = ["Layout", "Rows", "accumulation_dtype", "copy_into", "locate_non_finite", "pack"]
 
 
 def accumulation_dtype(dtypes: Sequence[torch.dtype | None]) -> torch.dtype:
@@ -81,8 +81,15 @@ class Rows:
         self.storage = torch.empty(0, layout.width, dtype=dtype, device=device)
         self.filled = 0
         self._rows: list[list[Tensor]] = []
-        self._columns: dict[object, list[Tensor]] = {}
+        self._flat: dict[int, list[Tensor]] = {}
+        self._columns: dict[int, list[Tensor]] = {}
         self._matrices: dict[int, Tensor] = {}
+
+    @classmethod
+    def for_params(cls, params: Sequence[Tensor], layout: Layout) -> Rows:
+        """Rows for task vectors of ``params``: in their accumulation dtype, on their
+        device."""
+        return cls(layout, accumulation_dtype([p.dtype for p in params]), params[0].device)
 
     def reserve(self, n: int, *, keep: int = 0) -> None:
         """Room for ``n`` rows, the first ``keep`` of them kept."""
@@ -94,7 +101,8 @@ class Rows:
                 device=self.device,
             )
             grown[:keep] = self.storage[:keep]
-            self.storage, self._rows, self._columns, self._matrices = grown, [], {}, {}
+            self.storage, self._rows = grown, []
+            self._flat, self._columns, self._matrices = {}, {}, {}
 
     def row(self, i: int) -> list[Tensor]:
         """Row ``i``'s views, one per parameter, shaped like it."""
@@ -104,9 +112,9 @@ class Rows:
 
     def flat_views(self, n: int) -> list[Tensor]:
         """Rows ``0 … n-1``'s views, one after the other (row-major)."""
-        if ("flat", n) not in self._columns:
-            self._columns[("flat", n)] = [view for i in range(n) for view in self.row(i)]
-        return self._columns[("flat", n)]
+        if n not in self._flat:
+            self._flat[n] = [view for i in range(n) for view in self.row(i)]
+        return self._flat[n]
 
     def column_views(self, n: int) -> list[Tensor]:
         """The first ``n`` rows as one view ``[n, *shape]`` per parameter."""
@@ -119,6 +127,13 @@ class Rows:
         self.reserve(self.filled + 1, keep=self.filled)
         self.filled += 1
         return self.row(self.filled - 1)
+
+    def append_difference(self, minuend: list[Tensor], subtrahend: list[Tensor]) -> None:
+        """Write ``minuend − subtrahend`` (per parameter; θ − θ_i for a task) into the next
+        row: two multi-tensor operations, no temporary."""
+        row = self.append()
+        torch._foreach_copy_(row, minuend)
+        torch._foreach_sub_(row, subtrahend)
 
     def matrix(self, n: int | None = None) -> Tensor:
         """The first ``n`` rows (default: those appended) as ``[n, P]``."""
@@ -140,17 +155,20 @@ def pack(tasks: Tasks, layout: Layout, dtype: torch.dtype, rows: Rows | None = N
         rows = Rows(layout, dtype, tasks.device)
     rows.reserve(n)
     if tasks.form == "columns":
-        targets, sources = rows.column_views(n), list(tasks.data)
+        copy_into(rows.column_views(n), tasks.data)
     else:
-        targets = rows.flat_views(n)
-        sources = [vector for task in tasks.data for vector in task]
-        if any(vector is None for vector in sources):  # zeros, and copy the others
-            torch._foreach_zero_([t for t, v in zip(targets, sources) if v is None])
-            kept = [(t, v) for t, v in zip(targets, sources) if v is not None]
-            targets, sources = [t for t, _ in kept], [v for _, v in kept]
-    if targets:
-        torch._foreach_copy_(targets, sources)
+        copy_into(rows.flat_views(n), [vector for task in tasks.data for vector in task])
     return rows.matrix(n)
+
+
+def copy_into(targets: list[Tensor], sources: Sequence[Tensor | None]) -> None:
+    """Each source into its target view, by one multi-tensor copy; ``None`` as zeros."""
+    present = [source for source in sources if source is not None]
+    if len(present) < len(targets):
+        torch._foreach_zero_([t for t, s in zip(targets, sources) if s is None])
+        targets = [t for t, s in zip(targets, sources) if s is not None]
+    if present:
+        torch._foreach_copy_(targets, present)
 
 
 def locate_non_finite(matrix: Tensor, layout: Layout, name: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._aggregator import GradientAgreementAggregator, NonFinitePolicy
-from .._matrix import Rows, accumulation_dtype
+from .._matrix import Rows, copy_into
 from .._weightings import Weighting
 from ._wraps import WrapsAggregator
 
@@ -64,10 +64,8 @@ class MetaGradientRecorder(WrapsAggregator):
             process_group=process_group,
         )
         self.agreement_on = agreement_on
-        dtype = accumulation_dtype([p.dtype for p in self.params])
-        device, layout = self.params[0].device, self.aggregator.layout
-        self._gradients = Rows(layout, dtype, device)
-        self._deltas = Rows(layout, dtype, device)
+        self._gradients = Rows.for_params(self.params, self.aggregator.layout)
+        self._deltas = Rows.for_params(self.params, self.aggregator.layout)
 
     @property
     def params(self) -> list[Tensor]:
@@ -155,15 +153,8 @@ class MetaGradientRecorder(WrapsAggregator):
         self._check_adapted(adapted, what)
         meta_gradient = self._meta_gradient(loss, adapted if fallback else None)
         with torch.no_grad():
-            row = self._gradients.append()
-            present = [(view, g) for view, g in zip(row, meta_gradient) if g is not None]
-            torch._foreach_copy_([view for view, _ in present], [g for _, g in present])
-            missing = [view for view, g in zip(row, meta_gradient) if g is None]
-            if missing:
-                torch._foreach_zero_(missing)
-            row = self._deltas.append()
-            torch._foreach_copy_(row, self.params)
-            torch._foreach_sub_(row, adapted)
+            copy_into(self._gradients.append(), meta_gradient)
+            self._deltas.append_difference(self.params, adapted)
 
     def step(self, *, accumulate: bool = False) -> Tensor:
         """Weight the recorded tasks, write Σ w_i ∇L_i(θ_i) into ``.grad``, step, clear.

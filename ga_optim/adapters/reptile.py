@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .._aggregator import GradientAgreementAggregator, NonFinitePolicy
-from .._matrix import Rows, accumulation_dtype
+from .._matrix import Rows
 from .._weightings import Weighting
 from ._wraps import WrapsAggregator
 
@@ -72,9 +72,7 @@ class AgreementReptile(WrapsAggregator):
             non_finite=non_finite,
             process_group=process_group,
         )
-        params = self.aggregator.params
-        dtype = accumulation_dtype([p.dtype for p in params])
-        self._deltas = Rows(self.aggregator.layout, dtype, params[0].device)
+        self._deltas = Rows.for_params(self.aggregator.params, self.aggregator.layout)
 
     @property
     def num_recorded(self) -> int:
@@ -104,9 +102,7 @@ class AgreementReptile(WrapsAggregator):
                 f"wrapped model has {[tuple(s.shape) for s in slow]}. Record a clone()."
             )
         with torch.no_grad():
-            row = self._deltas.append()
-            torch._foreach_copy_(row, slow)
-            torch._foreach_sub_(row, fast)
+            self._deltas.append_difference(slow, fast)
 
     def step(self, *, accumulate: bool = False) -> Tensor:
         """Apply θ ← θ + α Σ w_i (θ_i − θ) through the outer optimizer; return the weights.

@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "paper"))
 
+from _dispatched import Dispatched
 from fewshot_classification import Config, build_model, meta_step
 
 from ga_optim import Agreement, GradientAgreementAggregator, Mean, TaskStack
@@ -325,20 +325,6 @@ def launches(args: Any) -> dict[str, int]:
     return counts
 
 
-class _Dispatched(TorchDispatchMode):
-    """Counts the operators that reach the dispatcher from Python (those an operator calls
-    inside are not counted): the optimizer's included, the same on every torch version,
-    unlike the CPU profiler's nesting of its events (torch 2.1 attached some to no parent)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _count(run: Callable[[], object], device: str) -> int:
     """Launches (CUDA) or dispatched operators (CPU) of one call, after a warm-up call."""
     from torch.autograd import DeviceType
@@ -347,9 +333,9 @@ def _count(run: Callable[[], object], device: str) -> int:
     run()
     sync(device)
     if device != "cuda":
-        with _Dispatched() as dispatched:
+        with Dispatched() as dispatched:
             run()
-        return dispatched.count
+        return sum(dispatched.ops.values())
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         sync(device)

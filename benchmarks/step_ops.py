@@ -4,9 +4,9 @@ The Omniglot-scale conv-4 (64 filters, 18 tensors, 5-way; learn2learn's and the 
 setting), N = 4 and N = 32 tasks, Mean and Agreement. One outer step is the call that
 turns the recorded or given tasks into ``.grad`` (``optimizer=None``: the optimizer's own
 operations are not counted), after a warm-up step of the same shape. Every aten operator
-that reaches the dispatcher from Python counts once (``TorchDispatchMode``, as
-``tests/_counting.py``), and ``aten._local_scalar_dense`` among them is a value read back
-to the host. For the adapters the recording is counted apart, per task.
+that reaches the dispatcher from Python counts once (``benchmarks/_dispatched.py``), and
+``aten._local_scalar_dense`` among them is a value read back to the host. For the
+adapters the recording is counted apart, per task.
 
 Arrival forms: ``AgreementReptile.record`` (rows written by the adapter), learn2learn's
 ``AgreementMAML.backward`` (MAML form: meta-gradients and deltas), per-task lists given to
@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 import learn2learn as l2l
 import torch
+from _dispatched import Dispatched
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ga_optim import Agreement, GradientAgreementAggregator, Mean, Weighting
 from ga_optim.adapters.func import FuncAgreement
@@ -44,18 +43,6 @@ FORMS = (
     "FuncAgreement dicts",
     "FuncAgreement dicts, MAML form",
 )
-
-
-class Dispatched(TorchDispatchMode):
-    """Every aten operator dispatched from Python, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def conv4(ways: int = 5, filters: int = 64) -> nn.Module:

@@ -145,8 +145,6 @@ def prepare(
         return lambda: aggregator.step(tasks, agreement_vectors=deltas)
     func = importlib.import_module(f"{lib.__name__}.adapters.func")
     agree = func.FuncAgreement(model, None, weighting=chosen)
-    names = [name for name, _ in model.named_parameters()]
-    stacked = {k: torch.stack([t[i] for t in vectors()]) for i, k in enumerate(names)} if n else {}
     stacked = {
         k: torch.randn(n, *p.shape, generator=gen) * 0.01 for k, p in model.named_parameters()
     }

@@ -10,6 +10,8 @@ from ._interop import from_torchjd, to_torchjd
 from ._weightings import (
     Agreement,
     CosineAgreement,
+    GeometricMedian,
+    LeaveOneOutAgreement,
     Mean,
     Needs,
     NonNegativeAgreement,
@@ -23,7 +25,9 @@ __all__ = [
     "Agreement",
     "AgreementDiagnostics",
     "CosineAgreement",
+    "GeometricMedian",
     "GradientAgreementAggregator",
+    "LeaveOneOutAgreement",
     "Mean",
     "Needs",
     "NonFiniteError",

@@ -9,6 +9,9 @@ each rank holds its own rows, and what crosses the wire is named below):
 * ``"unit_scores"``: the same on the unit rows :math:`\hat g_i = g_i/\lVert g_i\rVert`,
   with :math:`\hat s = J^\top(1/\lVert g_i\rVert)`: no unit matrix is formed beside the
   row-scaled float64 copy;
+* ``"leave_one_out_scores"``: :math:`r_i - \lVert g_i\rVert^2 = g_i^\top\sum_{j\ne i} g_j`
+  in float64, on the matrix scaled by the power of two that brings its largest entry
+  (over every rank: one more float all-reduced) into ``[0.5, 1)``;
 * ``"gramian"``: :math:`G = J J^\top` in float64 (every rank's rows gathered, N × P floats);
 * ``"count"``: nothing but N.
 
@@ -68,6 +71,16 @@ def statistic(
         rows = collective.gather(matrix.double(), counts)
         return rows @ rows.T
     inverse = None
+    if needs == "leave_one_out_scores":
+        matrix = matrix.double()
+        largest = (matrix.abs().amax() if matrix.numel() else matrix.new_zeros(())).reshape(1)
+        collective.max_(largest)
+        _, exponent = torch.frexp(largest)
+        matrix = torch.ldexp(matrix, exponent.clamp(min=-1000).neg().double())
+        total = matrix.sum(0)
+        collective.sum_(total)
+        scores = matrix @ total - torch.linalg.vecdot(matrix, matrix)
+        return collective.gather(scores, counts)
     if needs == "unit_scores":
         matrix = matrix.double()
         _, exponent = torch.frexp(matrix.abs().amax(dim=1, keepdim=True))

@@ -18,17 +18,20 @@ from ._checks import check_gramian
 __all__ = [
     "Agreement",
     "CosineAgreement",
+    "GeometricMedian",
+    "LeaveOneOutAgreement",
     "Mean",
     "Needs",
     "NonNegativeAgreement",
     "Weighting",
     "agreement_weights",
+    "positive_normalize",
     "signed_normalize",
     "to_unit_range",
 ]
 
 #: What a weighting reads of the task vectors; see :attr:`Weighting.needs`.
-Needs = Literal["count", "scores", "unit_scores", "gramian"]
+Needs = Literal["count", "scores", "unit_scores", "leave_one_out_scores", "gramian"]
 
 
 class Weighting:
@@ -48,14 +51,15 @@ class Weighting:
     ``needs`` says what the weights read, and so what the aggregator computes and what
     crosses the wire between ranks:
 
-    ================= ======================================= =============================
-    ``needs``         ``from_scores`` receives                per step, in a process group
-    ================= ======================================= =============================
-    ``"count"``       zeros ``[N]`` (only N matters)          the update: P floats (as DDP)
-    ``"scores"``      :math:`r = G\mathbf 1`                  2 × P floats + N scores
-    ``"unit_scores"`` :math:`\hat G\mathbf 1` of unit vectors 2 × P floats + N scores
-    ``"gramian"``     (``from_gramian`` gets ``G``)           N × P + P floats
-    ================= ======================================= =============================
+    ========================== ================================= ===========================
+    ``needs``                  ``from_scores`` receives          per step, in a process group
+    ========================== ================================= ===========================
+    ``"count"``                zeros ``[N]`` (only N matters)    the update: P floats (as DDP)
+    ``"scores"``               :math:`r = G\mathbf 1`            2 × P floats + N scores
+    ``"unit_scores"``          Ĝ·1, Ĝ of the unit vectors        2 × P floats + N scores
+    ``"leave_one_out_scores"`` G·1 − diag G, times a power of 2  2 × P + 1 floats + N scores
+    ``"gramian"``              (``from_gramian`` gets ``G``)     N × P + P floats
+    ========================== ================================= ===========================
 
     Weights are computed in float64 from float64 statistics where the input is float64,
     and returned in the vectors' accumulation dtype (float32 for fp16/bf16/fp32).
@@ -135,6 +139,8 @@ def scores_from_gramian(gramian: Tensor, needs: Needs) -> Tensor:
     dtype = torch.promote_types(gramian.dtype, torch.float32)
     if needs == "count":
         return torch.zeros(gramian.shape[0], dtype=dtype, device=gramian.device)
+    if needs == "leave_one_out_scores":
+        return (gramian.sum(dim=1) - gramian.diagonal()).to(dtype)
     if needs == "unit_scores":
         norms = gramian.diagonal().clamp(min=0).sqrt()
         tiny = torch.finfo(norms.dtype).tiny
@@ -159,6 +165,14 @@ def signed_normalize(scores: Tensor) -> Tensor:
     scaled = to_unit_range(scores)
     denominator = scaled.abs().sum()
     return torch.where(denominator > 0, scaled / denominator, 1.0 / scores.numel())
+
+
+def positive_normalize(scores: Tensor) -> Tensor:
+    """``w_i = max(r_i, 0) / Σ_k max(r_k, 0)``; uniform ``1/N`` when no score is positive.
+    Scaled first by a power of two (exact) so that the sum cannot overflow. Branch-free."""
+    positive = to_unit_range(scores.clamp(min=0))
+    total = positive.sum()
+    return torch.where(total > 0, positive / total, 1.0 / scores.numel())
 
 
 class Mean(Weighting):
@@ -216,9 +230,7 @@ class NonNegativeAgreement(Agreement):
     """
 
     def from_scores(self, scores: Tensor) -> Tensor:
-        positive = to_unit_range(scores.clamp(min=0))  # exact; the sum cannot overflow
-        total = positive.sum()
-        return torch.where(total > 0, positive / total, 1.0 / scores.numel())
+        return positive_normalize(scores)
 
 
 def agreement_weights(task_vectors: object = None, *, gramian: Tensor | None = None) -> Tensor:
@@ -299,3 +311,177 @@ class CosineAgreement(Agreement):
         n = scores.numel()
         cancelled = scores.sum() <= 4 * n * n * torch.finfo(scores.dtype).eps
         return torch.where(cancelled, torch.full_like(scores, 1.0 / n), signed_normalize(scores))
+
+
+class LeaveOneOutAgreement(Weighting):
+    r"""Agreement with the *rest* of the batch: each task's own term left out of its score.
+
+    .. math::
+
+        r_i = g_i^\top \sum_{j \ne i} g_j = (G\mathbf 1)_i - G_{ii},\qquad
+        w_i = \frac{r_i}{\sum_k |r_k|}
+        \quad\text{or, with } ``non_negative=True``,\quad
+        w_i = \frac{\max(r_i, 0)}{\sum_k \max(r_k, 0)}.
+
+    The paper's score :math:`(G\mathbf 1)_i` (Eshratifar, Eigen & Pedram, 2018, Eq. 13)
+    holds the self term :math:`\lVert g_i\rVert^2`, so a task with a large update that
+    agrees with nobody (a corrupted task) still gets the largest weight: three agreeing
+    unit tasks and one orthogonal task a thousand times larger give it 99.999 % of
+    :class:`Agreement`'s weight and none of this weighting's (the example below). Without
+    the self term a task is weighted by how much the *others* pull its way. A large outlier
+    still enters every other task's score through :math:`g_i^\top g_{\text{out}}`, so
+    only an outlier orthogonal to the rest is ignored outright. Every score zero
+    (``N = 1``, mutually orthogonal tasks) gives uniform weights, and so does, with
+    ``non_negative=True``, no positive score. Not in the paper; the corrupted-task study in
+    ``docs/RESULTS.md`` measures both forms (the signed one weights a batch of nearly
+    orthogonal updates by noise of both signs).
+
+    The scores are computed in float64 on the task matrix scaled by a power of two (exact,
+    and free of over- and underflow), which is what a weighting with ``needs =
+    "leave_one_out_scores"`` receives. O(N·P) from vectors, one float64 copy of the task
+    matrix; in a process group as :class:`Agreement` (plus one float: the largest entry).
+
+    Args:
+        non_negative: clamp negative scores to zero before normalising (``w_i >= 0``,
+            ``Σ w_i = 1``): a task that opposes the rest is dropped, not ascended.
+
+    Example:
+        >>> import torch
+        >>> from ga_optim import LeaveOneOutAgreement
+        >>> from ga_optim import Agreement
+        >>> g = torch.tensor([[1.0, 0, 0], [1.0, 0.1, 0], [0.9, -0.1, 0], [0, 0, 1000.0]])
+        >>> [round(x, 4) for x in Agreement()(g).tolist()]
+        [0.0, 0.0, 0.0, 1.0]
+        >>> [round(x, 4) for x in LeaveOneOutAgreement()(g).tolist()]
+        [0.3405, 0.3387, 0.3208, 0.0]
+    """
+
+    needs: ClassVar[Needs] = "leave_one_out_scores"
+
+    def __init__(self, non_negative: bool = False) -> None:
+        if not isinstance(non_negative, bool):
+            raise TypeError(f"`non_negative` should be a bool. Found {non_negative!r}.")
+        self.non_negative = non_negative
+
+    def from_scores(self, scores: Tensor) -> Tensor:
+        return positive_normalize(scores) if self.non_negative else signed_normalize(scores)
+
+    def __repr__(self) -> str:
+        return f"LeaveOneOutAgreement(non_negative={self.non_negative})"
+
+
+class GeometricMedian(Weighting):
+    r"""The weights whose combination :math:`\sum_i w_i g_i` is the geometric median.
+
+    The geometric median :math:`z^\star = \arg\min_z \sum_i \lVert g_i - z\rVert` of the
+    task vectors, found by the smoothed Weiszfeld iteration of RFA (Pillutla, Kakade &
+    Harchaoui, *Robust Aggregation for Federated Learning*, arXiv 1912.13445, Algorithm 3):
+
+    .. math::
+
+        w_i \leftarrow \frac{1/\max(d_i, \nu)}{\sum_k 1/\max(d_k, \nu)},\qquad
+        d_i^2 = \lVert g_i - z\rVert^2 = G_{ii} - 2(Gw)_i + w^\top G w,\qquad
+        z = \sum_i w_i g_i,
+
+    from the Gramian alone, starting at :math:`w = 1/N`, in float64. A task far from the
+    rest gets a weight inversely proportional to its distance, however large its update:
+    the median moves by at most a bounded amount when a minority of tasks is corrupted
+    (breakdown point 1/2). ``w_i >= 0`` and ``Σ w_i = 1``; identical tasks get ``1/N``.
+
+    The iteration stops when no weight moves by more than ``tolerance`` or after
+    ``max_iterations`` updates. :math:`\nu` is ``smoothing`` times the root mean square
+    of the task norms :math:`\sqrt{\operatorname{tr} G / N}`, so the weights do not
+    depend on the vectors' scale; it keeps a median that lands on a task from dividing by
+    zero. All-zero vectors give uniform weights (from vectors, so do vectors whose squared
+    norms underflow float64, below about ``1e-154``: the Gramian cannot see them). When
+    the median is one of the tasks, Weiszfeld's iteration slows to a crawl; a test of
+    each task's optimality (Vardi & Zhang, 2000) finds it first. The iteration runs on the host: the
+    Gramian ``[N, N]`` is read back once per call (as TorchJD's weightings do), and from
+    vectors it costs what every Gramian weighting costs (O(N²·P); in a process group every
+    task's vector is gathered).
+
+    Args:
+        smoothing: :math:`\nu` relative to the RMS task norm (default ``1e-6``).
+        tolerance: stop when ``max_i |Δw_i| <= tolerance`` (default ``1e-10``).
+        max_iterations: at most this many updates (default 1000).
+
+    Example:
+        >>> import torch
+        >>> from ga_optim import GeometricMedian
+        >>> g = torch.tensor([[1.0, 0], [0, 1.0], [-1.0, 0], [0, -1.0], [0, 100.0]])
+        >>> w = GeometricMedian()(g)   # the far task barely moves the median
+        >>> [round(x, 3) for x in w.tolist()]
+        [0.183, 0.499, 0.183, 0.134, 0.002]
+    """
+
+    def __init__(
+        self, *, smoothing: float = 1e-6, tolerance: float = 1e-10, max_iterations: int = 1000
+    ) -> None:
+        for name, value in (("smoothing", smoothing), ("tolerance", tolerance)):
+            if not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ValueError(f"`{name}` should be a number in (0, 1). Found {value!r}.")
+        if not isinstance(max_iterations, int) or max_iterations < 1:
+            raise ValueError(f"`max_iterations` should be an int >= 1. Found {max_iterations!r}.")
+        self.smoothing = float(smoothing)
+        self.tolerance = float(tolerance)
+        self.max_iterations = max_iterations
+
+    def from_gramian(self, gramian: Tensor) -> Tensor:
+        dtype = torch.promote_types(gramian.dtype, torch.float32)
+        n = gramian.shape[0]
+        g = gramian.detach().to("cpu", torch.float64)
+        scale = float(g.diagonal().clamp(min=0).mean())  # the mean squared task norm
+        if scale == 0:
+            return torch.full((n,), 1.0 / n, dtype=dtype, device=gramian.device)
+        g = g / scale  # unit RMS norm: ν is relative
+        squares = g.diagonal().clamp(min=0)
+        weights = _median_on_a_task(g, squares, self.smoothing)
+        if weights is None:
+            weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
+            for _ in range(self.max_iterations):
+                gw = g @ weights
+                distances = (squares - 2 * gw + weights @ gw).clamp(min=0).sqrt()
+                inverse = 1.0 / distances.clamp(min=self.smoothing)
+                moved, weights = weights, inverse / inverse.sum()
+                if float((weights - moved).abs().max()) <= self.tolerance:
+                    break
+        return weights.to(gramian.device, dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"GeometricMedian(smoothing={self.smoothing}, tolerance={self.tolerance}, "
+            f"max_iterations={self.max_iterations})"
+        )
+
+
+def _median_on_a_task(gramian: Tensor, squares: Tensor, nu: float) -> Tensor | None:
+    """Uniform weights over the tasks at ``g_k`` when the geometric median *is* ``g_k``
+    (where Weiszfeld's iteration slows to a crawl), else ``None``.
+
+    Vardi & Zhang's test (PNAS 97(4), 2000): ``g_k`` is the median when
+    ``‖Σ_{i: g_i ≠ g_k} (g_k − g_i)/‖g_k − g_i‖‖ <= m_k``, its multiplicity (tasks within
+    ``ν`` count as coincident), to a relative ``1e-9``. Only when one location passes:
+    two (a median that is not unique, as for two tasks) are left to the iteration, whose
+    start at the mean keeps the weights equivariant.
+    """
+    distances = (squares[:, None] + squares[None, :] - 2 * gramian).clamp(min=0).sqrt()
+    close = distances <= nu
+    inverse = torch.where(close, 0.0, 1.0 / distances.clamp(min=nu))
+    sums = inverse.sum(dim=1)
+    pull = (
+        (  # ‖Σ_i c_ki (g_k − g_i)‖² for every k at once
+            squares * sums**2
+            - 2 * sums * (inverse * gramian).sum(dim=1)
+            + ((inverse @ gramian) * inverse).sum(dim=1)
+        )
+        .clamp(min=0)
+        .sqrt()
+    )
+    multiplicity = close.sum(dim=1).double()
+    at_median = pull <= multiplicity * (1 + 1e-9)
+    if not bool(at_median.any()):
+        return None
+    k = int(torch.nonzero(at_median)[0])
+    if not bool(close[k][at_median].all()):
+        return None
+    return close[k].double() / multiplicity[k]

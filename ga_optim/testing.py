@@ -242,9 +242,32 @@ def _eps(weights: Tensor) -> float:
     return float(torch.finfo(weights.dtype).eps)
 
 
-def _tolerance(task_vectors: Any, weights: Tensor, slack: float = 64.0) -> float:
+def _needs(weighting: object) -> object:
+    """What ``weighting`` reads (an aggregator's weighting's), or ``None``."""
+    return getattr(getattr(weighting, "weighting", weighting), "needs", None)
+
+
+def _leave_one_out_kappa(matrix: Tensor, positive: bool) -> float:
+    """κ of the self-excluded scores ``g_i·Σ_{j≠i} g_j``: rounding moves each by about
+    ``eps·‖g_i‖·Σ_j‖g_j‖`` (``inf`` when they are all zero, as for orthogonal tasks).
+    ``positive``: of their positive parts, which a clamp at zero normalises (``inf`` when
+    none is positive: a score at zero may then round either way)."""
+    if not bool(matrix.any()):
+        return 1.0
+    gramian = matrix @ matrix.T
+    scores = gramian.sum(dim=1) - gramian.diagonal()
+    mass = float(matrix.norm(dim=1).sum())
+    denominator = float((scores.clamp(min=0) if positive else scores.abs()).sum())
+    return mass * mass / denominator if denominator > 0 else float("inf")
+
+
+def _tolerance(
+    task_vectors: Any, weights: Tensor, slack: float = 64.0, weighting: object = None
+) -> float:
     """``slack · N · eps · κ`` with the larger of the batch's κ and its directions' κ: a
-    scale-free weighting (``CosineAgreement``) is conditioned by the unit vectors."""
+    scale-free weighting (``CosineAgreement``) is conditioned by the unit vectors; a
+    weighting of the self-excluded scores (``needs = "leave_one_out_scores"``) also by
+    theirs (by their positive parts for one with ``non_negative=True``)."""
     matrix = _unit_scaled(task_vectors)
     # Each row by its own largest magnitude first: a tiny task beside a large one (1e-200
     # against 1e-3) would otherwise square to 0 and look like a zero direction.
@@ -253,6 +276,9 @@ def _tolerance(task_vectors: Any, weights: Tensor, slack: float = 64.0) -> float
     norms = rows.norm(dim=1, keepdim=True)
     directions = torch.where(norms > 0, rows / norms.clamp_min(torch.finfo(torch.float64).tiny), 0)
     kappa = max(_kappa(matrix), _kappa(directions))
+    if _needs(weighting) == "leave_one_out_scores":
+        positive = bool(getattr(getattr(weighting, "weighting", weighting), "non_negative", False))
+        kappa = max(kappa, _leave_one_out_kappa(matrix, positive))
     return slack * weights.numel() * _eps(weights) * min(kappa, 1e300)
 
 
@@ -291,10 +317,14 @@ def scale_fits(task_vectors: TaskVectors, scale: float) -> bool:
     return True
 
 
-def assert_scale_invariant(weighting: HasWeights, task_vectors: TaskVectors, scale: float) -> None:
+def assert_scale_invariant(
+    weighting: HasWeights, task_vectors: TaskVectors, scale: float, *, atol: float = 0.0
+) -> None:
     """Multiplying every task vector by ``scale > 0`` leaves the weights unchanged.
 
-    ``scale`` must keep the entries normal numbers (see :func:`scale_fits`).
+    ``scale`` must keep the entries normal numbers (see :func:`scale_fits`). The weights
+    may move by what floating point leaves undetermined (``κ·N·eps``) or by ``atol``,
+    whichever is larger: give an iterative weighting its stopping tolerance there.
     """
     if not scale > 0:
         raise ValueError(f"`scale` should be positive. Found {scale!r}.")
@@ -306,15 +336,20 @@ def assert_scale_invariant(weighting: HasWeights, task_vectors: TaskVectors, sca
     scaled = [[None if t is None else t * scale for t in task] for task in task_vectors]
     before = weighting.weights(task_vectors)
     after = weighting.weights(scaled)
-    tol = _tolerance(task_vectors, before)
+    tol = max(_tolerance(task_vectors, before, weighting=weighting), atol)
     gap = float((before.double() - after.double()).abs().max())
     assert gap <= tol, f"weights changed by {gap:.3g} (> {tol:.3g}) under a scale of {scale}"
 
 
 def assert_permutation_equivariant(
-    weighting: HasWeights, task_vectors: TaskVectors, permutation: Sequence[int]
+    weighting: HasWeights,
+    task_vectors: TaskVectors,
+    permutation: Sequence[int],
+    *,
+    atol: float = 0.0,
 ) -> None:
-    """Reordering the tasks reorders the weights the same way."""
+    """Reordering the tasks reorders the weights the same way (to ``κ·N·eps`` or
+    ``atol``, whichever is larger)."""
     if sorted(permutation) != list(range(len(task_vectors))):
         raise ValueError(
             f"`permutation` should reorder range({len(task_vectors)}). Found {list(permutation)}."
@@ -322,7 +357,7 @@ def assert_permutation_equivariant(
     weights = weighting.weights(task_vectors)
     permuted = weighting.weights([task_vectors[i] for i in permutation])
     expected = weights[list(permutation)]
-    tol = _tolerance(task_vectors, weights)
+    tol = max(_tolerance(task_vectors, weights, weighting=weighting), atol)
     gap = float((permuted.double() - expected.double()).abs().max())
     assert gap <= tol, f"permuted weights differ by {gap:.3g} (> {tol:.3g})"
 
@@ -350,7 +385,7 @@ def assert_update_aligned_with_mean(weighting: HasWeights, task_vectors: Any) ->
     update = weights.double().cpu() @ matrix
     alignment = float(mean @ update)
     scale = float(mean.norm() * matrix.norm(dim=1).max()) if matrix.numel() else 0.0
-    tol = _tolerance(task_vectors, weights) * scale
+    tol = _tolerance(task_vectors, weights, weighting=weighting) * scale
     assert alignment >= -tol, f"update opposes the mean: ḡ·update = {alignment:.3g}"
 
 
@@ -360,19 +395,23 @@ def assert_weighting_invariants(
     *,
     signed: bool = True,
     aligned: bool = True,
+    atol: float = 0.0,
 ) -> None:
     """All invariants above that apply to ``weighting`` on one batch.
 
     Normalisation (non-negativity unless ``signed``), invariance to positive scales (those
     of 2⁻³⁰, 3, 2⁴⁰ that :func:`scale_fits` the batch), equivariance under a reversal and a
-    rotation of the tasks, and, when ``aligned``, ``ḡ·update >= 0``.
+    rotation of the tasks, and, when ``aligned``, ``ḡ·update >= 0``. ``atol``: how far an
+    iterative weighting's stopping rule lets the weights of a rescaled or reordered batch
+    move (e.g. :class:`~ga_optim.GeometricMedian`'s ``tolerance``); 0 for a closed form.
     """
     assert_normalized(weighting, task_vectors, signed=signed)
     for scale in (2.0**-30, 3.0, 2.0**40):
         if scale_fits(task_vectors, scale):
-            assert_scale_invariant(weighting, task_vectors, scale)
+            assert_scale_invariant(weighting, task_vectors, scale, atol=atol)
     n = len(task_vectors)
-    assert_permutation_equivariant(weighting, task_vectors, list(reversed(range(n))))
-    assert_permutation_equivariant(weighting, task_vectors, [(i + 1) % n for i in range(n)])
+    reverse, rotate = list(reversed(range(n))), [(i + 1) % n for i in range(n)]
+    assert_permutation_equivariant(weighting, task_vectors, reverse, atol=atol)
+    assert_permutation_equivariant(weighting, task_vectors, rotate, atol=atol)
     if aligned:
         assert_update_aligned_with_mean(weighting, task_vectors)

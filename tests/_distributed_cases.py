@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +19,9 @@ from torch import Tensor
 from ga_optim import (
     Agreement,
     CosineAgreement,
+    GeometricMedian,
     GradientAgreementAggregator,
+    LeaveOneOutAgreement,
     Mean,
     NonNegativeAgreement,
     Weighting,
@@ -50,17 +53,21 @@ class Huge(Weighting):
         return torch.full_like(scores, 3e38)
 
 
+FACTORIES: dict[str, Callable[[], Weighting]] = {
+    "mean": Mean,
+    "agreement": Agreement,
+    "nonnegative": NonNegativeAgreement,
+    "cosine": CosineAgreement,
+    "leave_one_out": LeaveOneOutAgreement,
+    "leave_one_out_nonnegative": lambda: LeaveOneOutAgreement(non_negative=True),
+    "geometric_median": GeometricMedian,
+    "gramian": GramianSoftmax,
+}
+WEIGHTINGS = tuple(FACTORIES)
+
+
 def weighting(name: str) -> Weighting:
-    return {
-        "mean": Mean,
-        "agreement": Agreement,
-        "nonnegative": NonNegativeAgreement,
-        "cosine": CosineAgreement,
-        "gramian": GramianSoftmax,
-    }[name]()
-
-
-WEIGHTINGS = ("mean", "agreement", "nonnegative", "cosine", "gramian")
+    return FACTORIES[name]()
 
 
 def make_tasks(seed: int, n: int, dtype: torch.dtype) -> tuple[list[Any], list[Any]]:

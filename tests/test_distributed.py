@@ -101,10 +101,12 @@ def test_what_crosses_the_wire(world_results: tuple[int, list[Any]]) -> None:
         for rank, result in enumerate(results):
             sent = {
                 name: result[(name, "reptile", "float64", split)]["bytes"][0]
-                for name in ("mean", "agreement", "gramian")
+                for name in ("mean", "agreement", "leave_one_out", "gramian")
             }
             assert sent["mean"] == control + p8 + cosines, (rank, split, sent)
             assert sent["agreement"] == control + 2 * p8 + n8 + cosines, (rank, split, sent)
+            # the self-excluded scores: one more float, the largest entry
+            assert sent["leave_one_out"] == control + 8 + 2 * p8 + n8 + cosines, (rank, split)
             assert sent["gramian"] == control + p8 * max(counts) + p8 + cosines, (rank, split)
 
 

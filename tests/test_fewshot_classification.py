@@ -222,3 +222,44 @@ def test_omniglot_and_mini_imagenet_use_finn_et_al_s_settings() -> None:
     assert (twenty.meta_batch, twenty.inner_steps, twenty.inner_lr) == (16, 5, 0.1)
     assert (mini.meta_batch, mini.inner_steps, mini.inner_lr, mini.hidden) == (4, 5, 0.01, 32)
     assert fewshot.Config.for_run("omniglot", "reptile", meta_batch=8).meta_batch == 8
+
+
+def test_digits_corrupted_quick_run_records_the_weight_share(tmp_path: Path) -> None:
+    names = ["mean", "oracle", "leave_one_out", "leave_one_out_nonnegative", "geometric_median"]
+    _quick(
+        [
+            "--out", str(tmp_path), "--algorithms", "maml", "--shots", "1",
+            "--weightings", *names, "--corrupt-fraction", "0.4",
+        ]
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["configs"]["maml 1-shot"]["corrupt_fraction"] == 0.4
+    for weighting in names:
+        entry = saved["results"]["maml 1-shot"][weighting]
+        shares = entry["per_seed_corrupted_weight_share"]
+        assert len(shares) == 2 and all(0.0 <= s <= 1.0 for s in shares)
+        assert all(0.0 <= a <= 1.0 for a in entry["per_seed_accuracy"])
+        if weighting == "oracle":
+            assert shares == [0.0, 0.0]
+        if weighting == "mean":  # uniform weights: the corrupted fraction itself
+            for seed, share in zip(entry["seeds"], shares):
+                gen = torch.Generator().manual_seed(1_000_003 + seed)
+                counts = [float((torch.rand(8, generator=gen) < 0.4).sum()) for _ in range(10)]
+                assert share == pytest.approx(sum(counts) / 80, abs=1e-12)
+
+
+def test_corrupt_labels_resamples_only_the_chosen_episodes() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ys = torch.arange(5).repeat_interleave(20).repeat(4, 1)  # [4 tasks, 100]
+    yq = ys.clone()
+    mask = torch.tensor([False, True, False, True])
+    new_s, new_q = fewshot.corrupt_labels((ys, yq), mask, 5, gen)
+    for old, new in ((ys, new_s), (yq, new_q)):
+        assert torch.equal(new[~mask], old[~mask])
+        chosen = new[mask]
+        assert int(chosen.min()) >= 0 and int(chosen.max()) <= 4
+        # uniform over the 5 labels, unrelated to the true ones: about 1 in 5 still agree
+        agree = float((chosen == old[mask]).double().mean())
+        assert 0.1 < agree < 0.3
+        counts = torch.bincount(chosen.reshape(-1), minlength=5)
+        assert int(counts.min()) > 20

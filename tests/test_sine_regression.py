@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ga_optim import GradientAgreementAggregator
+
 from ._examples import load_example as _load
 
 
@@ -118,3 +120,112 @@ def test_sine_divergence_is_recorded_not_raised() -> None:
     assert all(math.isnan(mean) for mean, _ in run["mse"].values())
     summary = sine.summarize([run], {"reptile": cfg})
     assert "diverged in 1 of 1 seeds" in sine.table(summary)
+
+
+def _replayed_share(seed: int, steps: int, tasks: int, fraction: float) -> float:
+    """The share of Mean's weight on corrupted tasks, replayed from the corruption's own
+    generator: each step, the corrupted count over N."""
+    gen = torch.Generator().manual_seed(1_000_003 + seed)
+    return (
+        sum(
+            float((torch.rand(tasks, generator=gen) < fraction).sum()) / tasks for _ in range(steps)
+        )
+        / steps
+    )
+
+
+@pytest.mark.parametrize("kind", ["noise", "amplitude"])
+def test_sine_corrupted_quick_run_records_the_weight_share(tmp_path: Path, kind: str) -> None:
+    sine = _load("sine_regression")
+    names = ["mean", "oracle", "leave_one_out", "leave_one_out_nonnegative", "geometric_median"]
+    threads = torch.get_num_threads()
+    try:
+        sine.main(
+            [
+                "--quick", "--out", str(tmp_path), "--jobs", "1",
+                "--algorithms", "reptile", "maml", "--weightings", *names,
+                "--corrupt-fraction", "0.4", "--corruption", kind,
+            ]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    for algorithm in ("reptile", "maml"):
+        assert results[algorithm]["config"]["corrupt_fraction"] == 0.4
+        assert results[algorithm]["config"]["corruption"] == kind
+        for weighting in names:
+            entry = results[algorithm][weighting]
+            shares = entry["per_seed_corrupted_weight_share"]
+            assert len(shares) == 2 and all(0.0 <= s <= 1.0 for s in shares)
+            assert all(math.isfinite(v) for v in entry["per_seed_mse"]["5"])
+            if weighting == "oracle":
+                assert shares == [0.0, 0.0]
+            if weighting == "mean":  # uniform weights: the corrupted fraction itself
+                expected = [_replayed_share(s, 40, 10, 0.4) for s in entry["seeds"]]
+                assert shares == pytest.approx(expected, abs=1e-12)
+                assert 0.25 < shares[0] < 0.55
+            assert entry["corrupted_weight_share"][0] == pytest.approx(sum(shares) / 2)
+
+
+def test_sine_corruption_replaces_only_the_chosen_tasks() -> None:
+    sine = _load("sine_regression")
+    gen = torch.Generator().manual_seed(0)
+    amplitude, _, _, y = sine.sample_tasks(4, 2000, gen)
+    mask = torch.tensor([True, False, True, False])
+    louder = sine.corrupt(y, mask, "amplitude", torch.Generator().manual_seed(1))
+    torch.testing.assert_close(louder[mask], 10 * y[mask], rtol=0, atol=0)
+    torch.testing.assert_close(louder[~mask], y[~mask], rtol=0, atol=0)
+    noisy = sine.corrupt(y, mask, "noise", torch.Generator().manual_seed(1))
+    torch.testing.assert_close(noisy[~mask], y[~mask], rtol=0, atol=0)
+    for i in (0, 2):  # Gaussian noise with the clean task's spread, unrelated to the sine
+        assert float(noisy[i].std()) == pytest.approx(float(y[i].std()), rel=0.1)
+        assert abs(float(torch.corrcoef(torch.stack([noisy[i, :, 0], y[i, :, 0]]))[0, 1])) < 0.1
+        assert abs(float(noisy[i].mean())) < 0.1 * float(amplitude[i])
+    none = torch.zeros(4, dtype=torch.bool)
+    assert torch.equal(sine.corrupt(y, none, "noise", torch.Generator().manual_seed(1)), y)
+    with pytest.raises(ValueError, match="`corruption` should be one of"):
+        sine.corrupt(y, mask, "labels", gen)
+
+
+def test_sine_clean_fraction_trains_on_the_clean_tasks() -> None:
+    """RHO = 0 draws exactly the tasks of a run without corruption (its draws come from a
+    generator of their own), so a clean study row is the harness's plain run."""
+    sine = _load("sine_regression")
+    common = _load("_common")
+    cfg = sine.Config.for_algorithm("reptile", meta_batch=4)
+    outcomes = []
+    for corruption in (None, common.Corruption(0.0, seed=3)):
+        theta = [p.requires_grad_() for p in sine.init_mlp(torch.Generator().manual_seed(1))]
+        aggregator = GradientAgreementAggregator(theta, torch.optim.SGD(theta, lr=1.0))
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            sine.reptile_step(theta, aggregator, cfg, gen, corruption)
+        outcomes.append([p.detach().clone() for p in theta])
+    for a, b in zip(*outcomes):
+        assert torch.equal(a, b)
+
+
+def test_oracle_is_the_mean_of_the_clean_tasks() -> None:
+    common = _load("_common")
+    corruption = common.Corruption(0.5, seed=0)
+    oracle = common.make_weighting("oracle", corruption)
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    mask = corruption.draw(6)
+    assert 0 < int(mask.sum()) < 6
+    weights = oracle(vectors)
+    clean = (~mask).double()
+    torch.testing.assert_close(weights, clean / clean.sum(), rtol=0, atol=0)
+    # the update the aggregator applies: the plain mean of the clean tasks' vectors
+    param = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    aggregator = GradientAgreementAggregator([param], weighting=oracle)
+    update = aggregator.aggregate([[v] for v in vectors])[0]
+    torch.testing.assert_close(update, vectors[~mask].mean(0), rtol=1e-12, atol=1e-14)
+    corruption.mask = torch.ones(6, dtype=torch.bool)  # every task corrupted: Mean
+    assert oracle(vectors).tolist() == [1 / 6] * 6
+    corruption.record(torch.full((6,), 1 / 6))
+    assert corruption.weight_share == 1.0
+    with pytest.raises(RuntimeError, match="needs the run's Corruption"):
+        common.Oracle()(vectors)
+    with pytest.raises(ValueError, match=r"`--corrupt-fraction` should be in \[0, 1\]"):
+        common.Corruption(1.5, seed=0)

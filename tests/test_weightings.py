@@ -6,10 +6,18 @@ import math
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from ga_optim import Agreement, CosineAgreement, Mean, NonNegativeAgreement, Weighting
+from ga_optim import (
+    Agreement,
+    CosineAgreement,
+    GeometricMedian,
+    LeaveOneOutAgreement,
+    Mean,
+    NonNegativeAgreement,
+    Weighting,
+)
 from ga_optim.testing import (
     assert_identical_tasks_uniform,
     assert_weighting_invariants,
@@ -260,3 +268,207 @@ def test_cosine_paths_share_the_cancellation_threshold() -> None:
         else:
             torch.testing.assert_close(from_vectors, from_gramian, rtol=0, atol=1e-9)
             assert float(from_vectors[0]) < -0.49 and float(from_vectors[1]) > 0.49
+
+
+# -- LeaveOneOutAgreement -----------------------------------------------------------------
+
+
+def _dense(batch: list[list[torch.Tensor]]) -> torch.Tensor:
+    """The batch as one float64 matrix at unit magnitude (the weights are scale-free)."""
+    matrix = torch.stack([torch.cat([t.reshape(-1).double() for t in task]) for task in batch])
+    largest = matrix.abs().max()
+    return matrix / largest if largest > 0 else matrix
+
+
+def _leave_one_out_reference(matrix: torch.Tensor, non_negative: bool) -> torch.Tensor:
+    """By hand: r_i = Σ_{j≠i} g_i·g_j from a double loop over pairs."""
+    n = matrix.shape[0]
+    scores = torch.tensor(
+        [sum(float(matrix[i] @ matrix[j]) for j in range(n) if j != i) for i in range(n)],
+        dtype=torch.float64,
+    )
+    if non_negative:
+        scores = scores.clamp(min=0)
+    total = scores.abs().sum()
+    return scores / total if total > 0 else torch.full((n,), 1.0 / n, dtype=torch.float64)
+
+
+def _leave_one_out_kappa(matrix: torch.Tensor, non_negative: bool) -> float:
+    """(Σ‖g_i‖)² / Σ_i |g_i·Σ_{j≠i} g_j|: what rounding does to the self-excluded scores
+    (the clamped form: over the positive scores; a score at zero may round either way)."""
+    gram = matrix @ matrix.T
+    scores = gram.sum(1) - gram.diagonal()
+    denominator = float((scores.clamp(min=0) if non_negative else scores.abs()).sum())
+    mass = float(matrix.norm(dim=1).sum())
+    return 1.0 if mass == 0 else (mass * mass / denominator if denominator > 0 else math.inf)
+
+
+@pytest.mark.parametrize("non_negative", [False, True], ids=["signed", "non-negative"])
+@given(task_batches())
+def test_leave_one_out_matches_the_pairwise_sum(
+    non_negative: bool, batch: list[list[torch.Tensor]]
+) -> None:
+    weighting = LeaveOneOutAgreement(non_negative=non_negative)
+    matrix = _dense(batch)
+    expected = _leave_one_out_reference(matrix, non_negative)
+    from_vectors = weighting.weights(batch)
+    from_gramian = weighting.weights(gramian=matrix @ matrix.T)
+    n, p = matrix.shape
+    kappa = _leave_one_out_kappa(matrix, non_negative)
+    tol = 16 * (n + p) * torch.finfo(torch.float64).eps * kappa
+    if tol < 0.1:
+        for weights in (from_vectors, from_gramian):
+            torch.testing.assert_close(weights, expected, atol=max(tol, 1e-13), rtol=0)
+    for weights in (from_vectors, from_gramian):
+        assert abs(float(weights.abs().sum()) - 1.0) < 1e-12
+        if non_negative:
+            assert bool((weights >= 0).all())
+    assert_weighting_invariants(weighting, batch, signed=not non_negative, aligned=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_leave_one_out_low_precision_against_float64(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    vectors = (torch.randn(6, 40, generator=gen) + 0.5).to(dtype)
+    weights = LeaveOneOutAgreement()(vectors)
+    assert weights.dtype == torch.float32
+    expected = _leave_one_out_reference(vectors.double(), False)
+    torch.testing.assert_close(weights.double(), expected, atol=1e-6, rtol=0)
+
+
+def test_leave_one_out_ignores_a_large_orthogonal_task() -> None:
+    """The issue's case: seven agreeing tasks and one orthogonal task a thousand times
+    larger. The paper's score gives it more than 90 % of the weight; without the self term
+    it gets none, and the seven split the weight by how much the others pull their way."""
+    gen = torch.Generator().manual_seed(1)
+    agreeing = torch.zeros(8, 12, dtype=torch.float64)
+    agreeing[:7, :6] = 1.0 + 0.3 * torch.randn(7, 6, generator=gen, dtype=torch.float64)
+    agreeing[7, 6:] = torch.randn(6, generator=gen, dtype=torch.float64)
+    agreeing[7] *= 1000 * agreeing[0].norm() / agreeing[7].norm()
+    assert float(Agreement()(agreeing)[7]) > 0.9
+    for non_negative in (False, True):
+        weights = LeaveOneOutAgreement(non_negative=non_negative)(agreeing)
+        assert float(weights[7]) == 0.0
+        expected = _leave_one_out_reference(agreeing, non_negative)
+        torch.testing.assert_close(weights, expected, atol=1e-14, rtol=0)
+        assert bool((weights[:7] > 0).all())
+
+
+def test_leave_one_out_golden_and_degenerate() -> None:
+    g = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    # r = G·1 − diag G = [1 + 1 − 1 − 1, 1 − 1 + 0, −1 − 1 + 0]... by hand:
+    # g0·(g1 + g2) = 1 − 1 = 0; g1·(g0 + g2) = 1 − 1 = 0; g2·(g0 + g1) = −1 − 1 = −2.
+    torch.testing.assert_close(
+        LeaveOneOutAgreement()(g), torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64)
+    )
+    # no positive score: uniform
+    torch.testing.assert_close(
+        LeaveOneOutAgreement(non_negative=True)(g), torch.full((3,), 1 / 3, dtype=torch.float64)
+    )
+    one = LeaveOneOutAgreement()(torch.tensor([[3.0, 4.0]]))
+    assert one.tolist() == [1.0]
+    orthogonal = LeaveOneOutAgreement()(torch.eye(3))
+    assert orthogonal.tolist() == pytest.approx([1 / 3] * 3)
+    assert repr(LeaveOneOutAgreement(non_negative=True)) == (
+        "LeaveOneOutAgreement(non_negative=True)"
+    )
+    with pytest.raises(TypeError, match=r"`non_negative` should be a bool\. Found 1"):
+        LeaveOneOutAgreement(non_negative=1)  # type: ignore[arg-type]
+
+
+def test_leave_one_out_float64_range() -> None:
+    """Vectors near 1e-200 or 1e200 (their products under- or overflow float64) get the
+    weights of the same vectors at unit scale: the scores are taken on the matrix scaled
+    by a power of two."""
+    g = torch.tensor([[1.0, 0.5], [0.8, -0.2], [-0.1, 1.0]], dtype=torch.float64)
+    expected = _leave_one_out_reference(g, False)
+    for scale in (1e-200, 1e200):
+        torch.testing.assert_close(LeaveOneOutAgreement()(g * scale), expected, atol=1e-15, rtol=0)
+
+
+# -- GeometricMedian ----------------------------------------------------------------------
+
+
+def _objective(matrix: torch.Tensor, point: torch.Tensor) -> float:
+    return float((matrix - point).norm(dim=1).sum())
+
+
+def _weiszfeld_reference(matrix: torch.Tensor, smoothing: float = 1e-6) -> torch.Tensor:
+    """The smoothed Weiszfeld iteration on the vectors themselves (distances taken from the
+    differences, not from a Gramian), run far past convergence."""
+    nu = smoothing * float(matrix.norm(dim=1).pow(2).mean().sqrt())
+    point = matrix.mean(0)
+    if nu == 0:  # all-zero vectors
+        return point
+    for _ in range(20_000):
+        inverse = 1.0 / (matrix - point).norm(dim=1).clamp(min=nu)
+        new = (inverse / inverse.sum()) @ matrix
+        if torch.equal(new, point):
+            break
+        point = new
+    return point
+
+
+@given(
+    task_batches(
+        min_tasks=2,
+        max_tasks=7,
+        max_side=5,
+        scales=(1e-3, 1.0, 1e3),
+        patterns=("random", "one_dominant", "parallel", "identical", "opposite"),
+    )
+)
+def test_geometric_median_is_the_median(batch: list[list[torch.Tensor]]) -> None:
+    """Σ w_i g_i minimises Σ‖g_i − z‖ as well as Weiszfeld run to convergence on the vectors
+    does, and the weights meet the invariants to the stopping tolerance."""
+    matrix = _dense(batch)
+    # A Gramian weighting sees the vectors' own float64 Gramian: entries below ~1e-154
+    # square to nothing there (the weighting's documented range).
+    raw = torch.cat([t.reshape(-1).double() for task in batch for t in task]).abs()
+    nonzero = raw[raw != 0]
+    assume(not nonzero.numel() or float(nonzero.min()) > 1e-100)
+    weights = GeometricMedian()(batch)
+    assert bool((weights >= 0).all())
+    assert abs(float(weights.sum()) - 1.0) < 1e-12
+    reference = _weiszfeld_reference(matrix)
+    found = _objective(matrix, weights @ matrix)
+    best = _objective(matrix, reference)
+    scale = float(matrix.norm(dim=1).max())
+    assert found <= best + 1e-8 * max(scale, 1e-300) * len(batch), (found, best)
+    assert_weighting_invariants(GeometricMedian(), batch, signed=False, aligned=False, atol=1e-7)
+
+
+def test_geometric_median_resists_an_outlier() -> None:
+    """Nine agreeing tasks and one pointing elsewhere with 1000 × their norm: the median
+    stays with the nine (the outlier's weight is about its inverse distance), where the
+    paper's weights hand the outlier nearly everything."""
+    gen = torch.Generator().manual_seed(2)
+    matrix = torch.ones(10, 20, dtype=torch.float64) + 0.2 * torch.randn(
+        10, 20, generator=gen, dtype=torch.float64
+    )
+    matrix[9] = -1000 * matrix[9]
+    weights = GeometricMedian()(matrix)
+    assert float(weights[9]) < 1e-3
+    median = weights @ matrix
+    torch.testing.assert_close(median, _weiszfeld_reference(matrix), atol=1e-6, rtol=0)
+    assert float((median - matrix[:9].mean(0)).norm()) < 0.5 * float(matrix[0].norm())
+    assert float(Agreement()(matrix)[9]) > 0.9
+
+
+def test_geometric_median_degenerate_and_arguments() -> None:
+    assert GeometricMedian()(torch.zeros(4, 3)).tolist() == [0.25] * 4
+    assert torch.equal(GeometricMedian()(torch.ones(3, 2)), torch.full((3,), 1 / 3))
+    gram = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    assert GeometricMedian().weights(gramian=gram).tolist() == [0.5, 0.5]
+    # three points on a line: the median is the middle one
+    line = torch.tensor([[0.0], [1.0], [5.0]], dtype=torch.float64)
+    weights = GeometricMedian()(line)
+    assert float(weights @ line) == pytest.approx(1.0, abs=1e-6)
+    assert "tolerance=1e-10" in repr(GeometricMedian())
+    for kwargs, message in (
+        ({"smoothing": 0.0}, "`smoothing` should be a number in \\(0, 1\\). Found 0.0"),
+        ({"tolerance": 2}, "`tolerance` should be a number in \\(0, 1\\). Found 2"),
+        ({"max_iterations": 0}, "`max_iterations` should be an int >= 1. Found 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            GeometricMedian(**kwargs)  # type: ignore[arg-type]

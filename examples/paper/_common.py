@@ -1,5 +1,6 @@
-"""What the examples share: the weightings they compare, the meta-training loop's
-bookkeeping (weight statistics, divergence), confidence intervals, progress bars and
+"""What the examples share: the weightings they compare, corrupted training tasks and the
+oracle that knows them, the meta-training loop's bookkeeping (weight statistics,
+divergence, the weight given to corrupted tasks), confidence intervals, progress bars and
 running (weighting, seed) jobs in parallel processes."""
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import Tensor
 from ga_optim import (
     Agreement,
     CosineAgreement,
+    GeometricMedian,
+    LeaveOneOutAgreement,
     Mean,
     NonFiniteError,
     NonNegativeAgreement,
@@ -25,8 +28,11 @@ from ga_optim import (
 
 __all__ = [
     "WEIGHTINGS",
+    "Corruption",
+    "Oracle",
     "check_combination",
     "combines",
+    "make_weighting",
     "mean_ci",
     "meta_train",
     "outer_optimizer",
@@ -46,19 +52,92 @@ def _torchjd(name: str) -> Callable[[], Weighting]:
     return make
 
 
+class Corruption:
+    """Which training tasks of each meta-batch are corrupted, and how much weight they get.
+
+    Each task is corrupted independently with probability ``fraction``, drawn from a
+    generator of its own (seeded from the run's seed), so that under a seed every weighting
+    sees the same corrupted tasks (and every corruption kind the same mask) and a run with
+    ``fraction = 0`` draws exactly the tasks of a run without corruption. What replaces a
+    corrupted task's targets is drawn from a second generator, :attr:`noise`.
+    :meth:`record` keeps the share of the weight the corrupted tasks got,
+    ``Σ_{i corrupted}|w_i| / Σ_i|w_i|``, averaged by :attr:`weight_share` over the steps.
+    """
+
+    def __init__(self, fraction: float, seed: int) -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"`--corrupt-fraction` should be in [0, 1]. Found {fraction!r}.")
+        self.fraction = fraction
+        self.generator = torch.Generator().manual_seed(1_000_003 + seed)
+        self.noise = torch.Generator().manual_seed(2_000_003 + seed)
+        self.mask: Tensor | None = None  # the current meta-batch's corrupted tasks
+        self._share_sum = torch.zeros((), dtype=torch.float64)
+        self._steps = 0
+
+    def draw(self, tasks: int) -> Tensor:
+        """A new meta-batch: which of its ``tasks`` are corrupted (bool ``[tasks]``)."""
+        self.mask = torch.rand(tasks, generator=self.generator) < self.fraction
+        return self.mask
+
+    def record(self, weights: Tensor) -> None:
+        assert self.mask is not None and self.mask.shape == weights.shape
+        magnitude = weights.detach().abs().double().cpu()
+        self._share_sum += (magnitude * self.mask).sum() / magnitude.sum()
+        self._steps += 1
+
+    @property
+    def weight_share(self) -> float:
+        """The mean over the recorded steps of the corrupted tasks' weight share."""
+        return float(self._share_sum) / self._steps if self._steps else math.nan
+
+
+class Oracle(Weighting):
+    """Mean over the clean tasks of each meta-batch: knows what no real method knows (which
+    tasks are corrupted), the upper bound of a study. Uniform when every task is corrupted."""
+
+    needs = "count"
+
+    def __init__(self) -> None:
+        self.corruption: Corruption | None = None
+
+    def from_scores(self, scores: Tensor) -> Tensor:
+        if self.corruption is None or self.corruption.mask is None:
+            raise RuntimeError("The oracle needs the run's Corruption (see make_weighting).")
+        clean = (~self.corruption.mask).to(scores.dtype)
+        if clean.shape != scores.shape:
+            raise ValueError(
+                f"The oracle knows {clean.numel()} tasks; the batch has {scores.numel()}."
+            )
+        count = clean.sum()
+        return clean / count if count > 0 else torch.full_like(scores, 1.0 / scores.numel())
+
+
 #: The weightings the examples compare. ``agreement_meta`` is the paper's Eq. 13 measured
 #: on MAML's meta-gradients instead of the inner-loop deltas (MAML only); ``upgrad``,
-#: ``mgda`` and ``dualproj`` are TorchJD's (``pip install 'ga-optim[torchjd]'``).
+#: ``mgda`` and ``dualproj`` are TorchJD's (``pip install 'ga-optim[torchjd]'``);
+#: ``oracle`` is Mean over the clean tasks (for ``--corrupt-fraction`` studies).
 WEIGHTINGS: dict[str, Callable[[], Weighting]] = {
     "mean": Mean,
     "agreement": Agreement,
     "agreement_meta": Agreement,
     "nonnegative": NonNegativeAgreement,
     "cosine": CosineAgreement,
+    "leave_one_out": LeaveOneOutAgreement,
+    "leave_one_out_nonnegative": lambda: LeaveOneOutAgreement(non_negative=True),
+    "geometric_median": GeometricMedian,
+    "oracle": Oracle,
     "upgrad": _torchjd("UPGradWeighting"),
     "mgda": _torchjd("MGDAWeighting"),
     "dualproj": _torchjd("DualProjWeighting"),
 }
+
+
+def make_weighting(name: str, corruption: Corruption) -> Weighting:
+    """The weighting ``name``; the oracle is told the run's corrupted tasks."""
+    weighting = WEIGHTINGS[name]()
+    if isinstance(weighting, Oracle):
+        weighting.corruption = corruption
+    return weighting
 
 
 def combines(algorithm: str, weighting: str) -> bool:
@@ -111,12 +190,15 @@ def meta_train(
     iterations: int,
     desc: str,
     show_progress: bool,
+    corruption: Corruption | None = None,
 ) -> dict[str, Any]:
     """Run ``step`` (one meta-iteration, returning the task weights) ``iterations`` times.
 
-    Returns the weights' history (min, max, share of negative weights at 200 points) and
-    ``diverged_at``: the aggregator refuses non-finite task vectors before touching θ, so
-    a run that diverges stops there and is recorded as a result instead of raising.
+    Returns the weights' history (min, max, share of negative weights at 200 points),
+    ``diverged_at`` (the aggregator refuses non-finite task vectors before touching θ, so
+    a run that diverges stops there and is recorded as a result instead of raising) and,
+    with a ``corruption``, ``corrupted_weight_share``: the mean over the steps of the
+    weight share of the corrupted tasks.
     """
     history: dict[str, Any] = {"iteration": [], "min": [], "max": [], "negative_share": []}
     history["diverged_at"] = None
@@ -127,6 +209,8 @@ def meta_train(
         except NonFiniteError:
             history["diverged_at"] = iteration
             break
+        if corruption is not None:
+            corruption.record(weights)
         schedule.step()
         if iteration % max(1, iterations // 200) == 0:
             history["iteration"].append(iteration)
@@ -137,6 +221,8 @@ def meta_train(
             bar.update(1)
     if bar is not None:
         bar.close()
+    if corruption is not None:
+        history["corrupted_weight_share"] = corruption.weight_share
     return history
 
 

@@ -18,6 +18,13 @@ applied by :class:`ga_optim.adapters.func.FuncAgreement`:
 * ``reptile``: SGD inner loop on the support and query sets together,
   θ ← θ + α Σ w_i (θ_i − θ) through SGD (Algorithm 1, line 10).
 
+Corrupted tasks (``--corrupt-fraction RHO``): each training episode is corrupted
+independently with probability RHO (the same episodes for every weighting under a seed):
+its labels are resampled uniformly among the ``ways`` classes, in the support and the query
+set alike (the protocol of Yao et al., *Adaptive Task Scheduler*, 2021). Evaluation
+episodes are always clean. The weighting ``oracle`` averages the clean tasks only;
+``results.json`` records each run's ``corrupted_weight_share``.
+
 Outer learning rates decay linearly to 0. Evaluation: ``eval_episodes`` episodes from
 the test classes and a fixed seed; fine-tune on the support set for ``eval_steps`` SGD
 steps; accuracy on the query set; mean ± 95 % CI over episodes per seed, and over seeds.
@@ -44,8 +51,10 @@ import torch
 import torch.nn.functional as F
 from _common import (
     WEIGHTINGS,
+    Corruption,
     check_combination,
     combines,
+    make_weighting,
     mean_ci,
     meta_train,
     outer_optimizer,
@@ -89,6 +98,7 @@ class Config:
     eval_chunk: int = 100  # episodes fine-tuned at once in evaluation
     eval_seed: int = 12345
     device: str = "cpu"  # episodes are drawn on the CPU, then moved here
+    corrupt_fraction: float = 0.0  # probability that a training episode's labels are noise
 
     @staticmethod
     def for_run(dataset: str, algorithm: str, **overrides: Any) -> Config:
@@ -179,6 +189,18 @@ def adapt(model: nn.Module, steps: int, lr: float) -> Callable[[Params, Tensor, 
     return inner
 
 
+def corrupt_labels(
+    labels: tuple[Tensor, Tensor], mask: Tensor, ways: int, gen: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Support and query labels ``[tasks, ·]`` with the tasks in ``mask`` given labels drawn
+    uniformly from ``0 … ways−1`` (drawn for every task, so that the generator advances the
+    same way whatever the mask)."""
+    return tuple(  # type: ignore[return-value]
+        torch.where(mask.view(-1, 1), torch.randint(ways, y.shape, generator=gen), y)
+        for y in labels
+    )
+
+
 def meta_step(
     model: nn.Module,
     agreement: FuncAgreement,
@@ -223,17 +245,20 @@ def train(
     outer, schedule = outer_optimizer(
         model.parameters(), cfg.algorithm, cfg.outer_lr, cfg.iterations
     )
-    agreement = FuncAgreement(model, outer, weighting=WEIGHTINGS[weighting]())
+    corruption = Corruption(cfg.corrupt_fraction, seed)
+    agreement = FuncAgreement(model, outer, weighting=make_weighting(weighting, corruption))
 
     def step() -> Tensor:
-        episodes = sample_episodes(
+        xs, ys, xq, yq = sample_episodes(
             split, cfg.meta_batch, cfg.ways, cfg.shots, cfg.train_queries, gen
         )
-        on_device = tuple(t.to(cfg.device) for t in episodes)
+        mask = corruption.draw(cfg.meta_batch)
+        ys, yq = corrupt_labels((ys, yq), mask, cfg.ways, corruption.noise)
+        on_device = tuple(t.to(cfg.device) for t in (xs, ys, xq, yq))
         return meta_step(model, agreement, cfg, on_device, weighting == "agreement_meta")
 
     desc = f"{cfg.algorithm} {cfg.shots}-shot {weighting} seed {seed}"
-    return meta_train(step, schedule, cfg.iterations, desc, progress)
+    return meta_train(step, schedule, cfg.iterations, desc, progress, corruption)
 
 
 def evaluate(model: nn.Module, cfg: Config) -> list[float]:
@@ -276,6 +301,7 @@ def run_one(job: tuple[str, int, Config, bool]) -> dict[str, Any]:
         "seed": seed,
         "history": history,
         "accuracy": accuracy,
+        "corrupted_weight_share": history["corrupted_weight_share"],
         "seconds": time.perf_counter() - start,
     }
 
@@ -297,9 +323,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "seconds": 0.0,
                 "diverged": 0,
                 "weight_history": [],
+                "per_seed_corrupted_weight_share": [],
             },
         )
         entry["seeds"].append(run["seed"])
+        entry["per_seed_corrupted_weight_share"].append(run["corrupted_weight_share"])
         entry["per_seed_accuracy"].append(run["accuracy"][0])
         entry["per_seed_episode_ci95"].append(run["accuracy"][1])
         entry["seconds"] += run["seconds"]
@@ -308,6 +336,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for by_weighting in summary.values():
         for entry in by_weighting.values():
             entry["accuracy"], entry["ci95_over_seeds"] = mean_ci(entry["per_seed_accuracy"])
+            entry["corrupted_weight_share"] = mean_ci(entry["per_seed_corrupted_weight_share"])
     return summary
 
 
@@ -387,10 +416,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iterations", type=int)
     parser.add_argument("--meta-batch", type=int)
     parser.add_argument("--outer-lr", type=float)
+    parser.add_argument(
+        "--corrupt-fraction",
+        type=float,
+        default=0.0,
+        metavar="RHO",
+        help="probability that a training episode's labels are resampled (evaluation is clean)",
+    )
+    parser.add_argument("--eval-episodes", type=int, help="default: 600")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--device", help="e.g. cuda (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="a tiny run (seconds), for CI")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.corrupt_fraction <= 1.0:
+        parser.error(f"--corrupt-fraction should be in [0, 1]. Found {args.corrupt_fraction}.")
 
     overrides = {
         "device": args.device,
@@ -401,6 +440,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "iterations": args.iterations,
         "meta_batch": args.meta_batch,
         "outer_lr": args.outer_lr,
+        "eval_episodes": args.eval_episodes,
+        "corrupt_fraction": args.corrupt_fraction,
     }
     if args.quick:
         overrides.update(iterations=args.iterations or 10, eval_episodes=20)

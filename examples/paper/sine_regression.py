@@ -22,6 +22,13 @@ and ``cosine`` (the library's opt-in variants).
 The N tasks of a meta-batch are adapted together: every parameter carries a leading task
 dimension and the forward pass is a batched matmul. Seeds run in parallel processes.
 
+Corrupted tasks (``--corrupt-fraction RHO``): each training task is corrupted
+independently with probability RHO (the same tasks for every weighting under a seed;
+evaluation tasks are always clean): ``--corruption noise`` replaces its targets by Gaussian
+noise with the clean targets' standard deviation (a direction outlier), ``amplitude``
+multiplies them by 10 (a magnitude outlier). The weighting ``oracle`` averages the clean
+tasks only; ``results.json`` records each run's ``corrupted_weight_share``.
+
 Evaluation: 1000 unseen tasks from a fixed seed (the same for every run); fine-tune θ on
 K = 10 points with SGD (lr 0.02) for 5 and 32 steps; MSE on 100 evenly spaced points over
 [-5, 5]; mean ± 95 % CI over tasks per seed, and over seeds.
@@ -30,6 +37,8 @@ K = 10 points with SGD (lr 0.02) for 5 and 32 steps; MSE on 100 evenly spaced po
     python examples/paper/sine_regression.py --quick --out /tmp/sine        # seconds, for CI
     python examples/paper/sine_regression.py --algorithms reptile maml fomaml \\
         --weightings mean agreement nonnegative cosine agreement_meta --seeds 0 1 2 3 4
+    python examples/paper/sine_regression.py --corrupt-fraction 0.2 --corruption noise \\
+        --weightings mean oracle leave_one_out geometric_median --out results/sine-noise
 """
 
 from __future__ import annotations
@@ -46,8 +55,10 @@ from typing import Any
 import torch
 from _common import (
     WEIGHTINGS,
+    Corruption,
     check_combination,
     combines,
+    make_weighting,
     mean_ci,
     meta_train,
     outer_optimizer,
@@ -59,6 +70,7 @@ from torch import Tensor
 from ga_optim import GradientAgreementAggregator
 
 ALGORITHMS = ("reptile", "maml", "fomaml")
+CORRUPTIONS = ("noise", "amplitude")
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,8 @@ class Config:
     eval_shots: int = 10
     eval_steps: tuple[int, ...] = (5, 32)
     eval_seed: int = 12345
+    corrupt_fraction: float = 0.0  # probability that a training task is corrupted
+    corruption: str = "noise"  # "noise" (targets → Gaussian noise) or "amplitude" (× 10)
 
     @staticmethod
     def for_algorithm(algorithm: str, **overrides: Any) -> Config:
@@ -142,6 +156,19 @@ def adapt(
     return [p.detach() for p in fast]
 
 
+def corrupt(y: Tensor, mask: Tensor, kind: str, gen: torch.Generator) -> Tensor:
+    """The targets ``y [n, points, 1]`` with the tasks in ``mask`` corrupted: ``noise``
+    replaces them by Gaussian noise with each task's own standard deviation, ``amplitude``
+    multiplies them by 10. The noise is drawn for every task (and used for the masked
+    ones), so the generator advances the same way whatever the mask."""
+    if kind == "noise":
+        noise = torch.randn(y.shape, generator=gen) * y.std(dim=1, keepdim=True)
+        return torch.where(mask.view(-1, 1, 1), noise, y)
+    if kind == "amplitude":
+        return torch.where(mask.view(-1, 1, 1), 10.0 * y, y)
+    raise ValueError(f"`corruption` should be one of {CORRUPTIONS}. Found {kind!r}.")
+
+
 def _per_task(stacked: list[Tensor]) -> list[list[Tensor]]:
     """[N, ...] per parameter → N per-task lists of views."""
     return [list(row) for row in zip(*(t.unbind(0) for t in stacked))]
@@ -151,9 +178,15 @@ def _per_task(stacked: list[Tensor]) -> list[list[Tensor]]:
 
 
 def reptile_step(
-    theta: list[Tensor], aggregator: GradientAgreementAggregator, cfg: Config, gen: torch.Generator
+    theta: list[Tensor],
+    aggregator: GradientAgreementAggregator,
+    cfg: Config,
+    gen: torch.Generator,
+    corruption: Corruption | None = None,
 ) -> Tensor:
     _, _, x, y = sample_tasks(cfg.meta_batch, cfg.inner_steps * cfg.inner_batch, gen)
+    if corruption is not None:
+        y = corrupt(y, corruption.draw(cfg.meta_batch), cfg.corruption, corruption.noise)
     batched = [p.detach().unsqueeze(0).expand(cfg.meta_batch, *p.shape) for p in theta]
     adapted = adapt(batched, x, y, cfg.inner_steps, cfg.inner_lr, cfg.inner_batch)
     deltas = [b - a for b, a in zip(batched, adapted)]  # g_i = θ − θ_i
@@ -166,8 +199,11 @@ def maml_step(
     cfg: Config,
     gen: torch.Generator,
     on_meta_gradients: bool,
+    corruption: Corruption | None = None,
 ) -> Tensor:
     _, _, x, y = sample_tasks(cfg.meta_batch, 2 * cfg.shots, gen)
+    if corruption is not None:  # the support and the query set alike
+        y = corrupt(y, corruption.draw(cfg.meta_batch), cfg.corruption, corruption.noise)
     xs, ys, xq, yq = x[:, : cfg.shots], y[:, : cfg.shots], x[:, cfg.shots :], y[:, cfg.shots :]
     # One leaf copy of θ per task: the gradient with respect to it is that task's own.
     start = [
@@ -198,15 +234,18 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     theta = [p.requires_grad_() for p in init_mlp(gen)]
     outer, schedule = outer_optimizer(theta, cfg.algorithm, cfg.outer_lr, cfg.iterations)
-    aggregator = GradientAgreementAggregator(theta, outer, weighting=WEIGHTINGS[weighting]())
+    corruption = Corruption(cfg.corrupt_fraction, seed)
+    aggregator = GradientAgreementAggregator(
+        theta, outer, weighting=make_weighting(weighting, corruption)
+    )
 
     def step() -> Tensor:
         if cfg.algorithm == "reptile":
-            return reptile_step(theta, aggregator, cfg, gen)
-        return maml_step(theta, aggregator, cfg, gen, weighting == "agreement_meta")
+            return reptile_step(theta, aggregator, cfg, gen, corruption)
+        return maml_step(theta, aggregator, cfg, gen, weighting == "agreement_meta", corruption)
 
     desc = f"{cfg.algorithm} {weighting} seed {seed}"
-    history = meta_train(step, schedule, cfg.iterations, desc, progress)
+    history = meta_train(step, schedule, cfg.iterations, desc, progress, corruption)
     return [p.detach() for p in theta], history
 
 
@@ -264,6 +303,7 @@ def run_one(job: tuple[str, int, Config, bool]) -> dict[str, Any]:
         "history": history,
         "mse": {str(k): mean_ci(v) for k, v in errors.items()},
         "mse_by_amplitude": by_amplitude,
+        "corrupted_weight_share": history["corrupted_weight_share"],
         "seconds": time.perf_counter() - start,
     }
 
@@ -283,9 +323,11 @@ def summarize(runs: list[dict[str, Any]], cfgs: dict[str, Config]) -> dict[str, 
                 "seconds": 0.0,
                 "weight_history": [],
                 "per_seed_mse_by_amplitude": [],
+                "per_seed_corrupted_weight_share": [],
             },
         )
         entry["seeds"].append(run["seed"])
+        entry["per_seed_corrupted_weight_share"].append(run["corrupted_weight_share"])
         entry["seconds"] += run["seconds"]
         entry["weight_history"].append(run["history"])
         entry["per_seed_mse_by_amplitude"].append(run["mse_by_amplitude"])
@@ -299,6 +341,7 @@ def summarize(runs: list[dict[str, Any]], cfgs: dict[str, Config]) -> dict[str, 
         for entry in by_weighting.values():
             entry["mean_mse"] = {k: mean_ci(v)[0] for k, v in entry["per_seed_mse"].items()}
             entry["ci95_over_seeds"] = {k: mean_ci(v)[1] for k, v in entry["per_seed_mse"].items()}
+            entry["corrupted_weight_share"] = mean_ci(entry["per_seed_corrupted_weight_share"])
         by_weighting["config"] = asdict(cfgs[algorithm])
     return summary
 
@@ -401,13 +444,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--outer-lr", type=float, help="default: 2.0 (Reptile SGD), 1e-3 (MAML Adam)"
     )
+    parser.add_argument(
+        "--corrupt-fraction",
+        type=float,
+        default=0.0,
+        metavar="RHO",
+        help="probability that a training task is corrupted (evaluation stays clean)",
+    )
+    parser.add_argument(
+        "--corruption",
+        default="noise",
+        choices=CORRUPTIONS,
+        help="noise: targets replaced by Gaussian noise; amplitude: targets × 10",
+    )
+    parser.add_argument("--eval-tasks", type=int, help="default: 1000")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--quick", action="store_true", help="a tiny run (seconds), for CI")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.corrupt_fraction <= 1.0:
+        parser.error(f"--corrupt-fraction should be in [0, 1]. Found {args.corrupt_fraction}.")
 
     cfgs = {
         a: Config.for_algorithm(
-            a, iterations=args.iterations, meta_batch=args.meta_batch, outer_lr=args.outer_lr
+            a,
+            iterations=args.iterations,
+            meta_batch=args.meta_batch,
+            outer_lr=args.outer_lr,
+            eval_tasks=args.eval_tasks,
+            corrupt_fraction=args.corrupt_fraction,
+            corruption=args.corruption,
         )
         for a in args.algorithms
     }

@@ -143,14 +143,18 @@ def test_sine_corrupted_quick_run_records_the_weight_share(tmp_path: Path, kind:
         sine.main(
             [
                 "--quick", "--out", str(tmp_path), "--jobs", "1",
-                "--algorithms", "reptile", "maml", "--weightings", *names,
+                "--algorithms", "reptile", "maml",
+                "--weightings", *names, "geometric_median_meta",
                 "--corrupt-fraction", "0.4", "--corruption", kind,
             ]
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert "geometric_median_meta" not in results["reptile"]  # MAML only
     for algorithm in ("reptile", "maml"):
+        if algorithm == "maml":
+            names = [*names, "geometric_median_meta"]
         assert results[algorithm]["config"]["corrupt_fraction"] == 0.4
         assert results[algorithm]["config"]["corruption"] == kind
         for weighting in names:

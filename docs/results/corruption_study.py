@@ -48,6 +48,7 @@ WEIGHTINGS = (
     "leave_one_out",
     "leave_one_out_nonnegative",
     "geometric_median",
+    "geometric_median_meta",
     "upgrad",
 )
 #: (family, algorithm, corruption kind, the RHOs reported).
@@ -62,7 +63,7 @@ TUNING_RHO = 0.2
 #: Reptile: SGD α; MAML: Adam β (both annealed linearly to 0 by the harness).
 GRID = {
     ("sine", "reptile"): (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0),
-    ("sine", "maml"): (3e-4, 1e-3, 3e-3),
+    ("sine", "maml"): (3e-4, 1e-3, 3e-3, 1e-2),
     ("digits", "maml"): (3e-4, 1e-3, 3e-3),
 }
 SINE_ITERATIONS = 2000  # a fifth (Reptile) and a quarter (MAML) of the main protocol's
@@ -168,6 +169,12 @@ def _job(root: Path, quick: bool, setting: tuple[Any, ...], **rest: Any) -> dict
     return _jobs(root, quick, family=family, algorithm=algorithm, kind=kind, **rest)
 
 
+def weightings_of(setting: tuple[Any, ...]) -> tuple[str, ...]:
+    """The weightings of a setting: the ``*_meta`` ones (measured on MAML's meta-gradients,
+    not the inner-loop deltas) are MAML only."""
+    return tuple(w for w in WEIGHTINGS if setting[1] == "maml" or not w.endswith("_meta"))
+
+
 def _grid(setting: tuple[Any, ...], quick: bool) -> tuple[float, ...]:
     grid = GRID[setting[:2]]
     return grid[1:3] if quick else grid
@@ -187,7 +194,7 @@ def tuning_jobs(root: Path, quick: bool) -> list[dict[str, Any]]:
         _job(root, quick, setting, rho=TUNING_RHO, lr=lr, weighting=weighting, seed=seed)
         for setting in SETTINGS
         for lr in _grid(setting, quick)
-        for weighting in WEIGHTINGS
+        for weighting in weightings_of(setting)
         for seed in _seeds(quick, tuning=True)
     ]
 
@@ -197,7 +204,7 @@ def picked_rates(root: Path, quick: bool) -> dict[tuple[Any, ...], float]:
     tuning seeds at RHO = 0.2 (a rate that diverged in any seed is out)."""
     picked = {}
     for setting in SETTINGS:
-        for weighting in WEIGHTINGS:
+        for weighting in weightings_of(setting):
             scores = {}
             for lr in _grid(setting, quick):
                 values = [
@@ -216,7 +223,7 @@ def evaluation_jobs(root: Path, quick: bool) -> list[dict[str, Any]]:
     picked = picked_rates(root, quick)
     jobs, seen = [], set()
     for setting in SETTINGS:
-        for weighting in WEIGHTINGS:
+        for weighting in weightings_of(setting):
             lr = picked.get((*setting[:3], weighting))
             if lr is None:
                 continue
@@ -262,7 +269,7 @@ def collect(root: Path, quick: bool) -> dict[str, Any]:
     picked = picked_rates(root, quick)
     cells: dict[Any, Any] = {}
     for setting in SETTINGS:
-        for weighting in WEIGHTINGS:
+        for weighting in weightings_of(setting):
             lr = picked.get((*setting[:3], weighting))
             if lr is None:
                 continue
@@ -354,6 +361,7 @@ STYLE = {
     "leave_one_out": ("C3", "--"),
     "leave_one_out_nonnegative": ("C4", "--"),
     "geometric_median": ("C5", "-."),
+    "geometric_median_meta": ("C8", "-."),
     "upgrad": ("C6", "-."),
 }
 

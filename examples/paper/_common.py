@@ -34,6 +34,7 @@ __all__ = [
     "combines",
     "make_weighting",
     "mean_ci",
+    "measures_meta_gradients",
     "meta_train",
     "outer_optimizer",
     "progress",
@@ -113,7 +114,8 @@ class Oracle(Weighting):
 
 
 #: The weightings the examples compare. ``agreement_meta`` is the paper's Eq. 13 measured
-#: on MAML's meta-gradients instead of the inner-loop deltas (MAML only); ``upgrad``,
+#: on MAML's meta-gradients instead of the inner-loop deltas (MAML only; so is
+#: ``geometric_median_meta``, the median of the meta-gradients themselves); ``upgrad``,
 #: ``mgda`` and ``dualproj`` are TorchJD's (``pip install 'ga-optim[torchjd]'``);
 #: ``oracle`` is Mean over the clean tasks (for ``--corrupt-fraction`` studies).
 WEIGHTINGS: dict[str, Callable[[], Weighting]] = {
@@ -125,6 +127,7 @@ WEIGHTINGS: dict[str, Callable[[], Weighting]] = {
     "leave_one_out": LeaveOneOutAgreement,
     "leave_one_out_nonnegative": lambda: LeaveOneOutAgreement(non_negative=True),
     "geometric_median": GeometricMedian,
+    "geometric_median_meta": GeometricMedian,
     "oracle": Oracle,
     "upgrad": _torchjd("UPGradWeighting"),
     "mgda": _torchjd("MGDAWeighting"),
@@ -141,13 +144,19 @@ def make_weighting(name: str, corruption: Corruption) -> Weighting:
 
 
 def combines(algorithm: str, weighting: str) -> bool:
-    """Whether ``weighting`` applies to ``algorithm`` (``agreement_meta`` is MAML only)."""
-    return not (weighting == "agreement_meta" and algorithm == "reptile")
+    """Whether ``weighting`` applies to ``algorithm`` (the ``*_meta`` ones are MAML only)."""
+    return not (measures_meta_gradients(weighting) and algorithm == "reptile")
+
+
+def measures_meta_gradients(weighting: str) -> bool:
+    """Whether the weights are measured on MAML's meta-gradients (the ``*_meta`` names)
+    instead of the inner-loop deltas θ − θ_i (Algorithm 1, lines 7–9)."""
+    return weighting.endswith("_meta")
 
 
 def check_combination(algorithm: str, weighting: str) -> None:
     if not combines(algorithm, weighting):
-        raise ValueError("`agreement_meta` measures agreement on MAML's meta-gradients.")
+        raise ValueError(f"`{weighting}` measures the weights on MAML's meta-gradients.")
 
 
 def outer_optimizer(

@@ -56,6 +56,7 @@ from _common import (
     combines,
     make_weighting,
     mean_ci,
+    measures_meta_gradients,
     meta_train,
     outer_optimizer,
     pyplot,
@@ -255,7 +256,7 @@ def train(
         mask = corruption.draw(cfg.meta_batch)
         ys, yq = corrupt_labels((ys, yq), mask, cfg.ways, corruption.noise)
         on_device = tuple(t.to(cfg.device) for t in (xs, ys, xq, yq))
-        return meta_step(model, agreement, cfg, on_device, weighting == "agreement_meta")
+        return meta_step(model, agreement, cfg, on_device, measures_meta_gradients(weighting))
 
     desc = f"{cfg.algorithm} {cfg.shots}-shot {weighting} seed {seed}"
     return meta_train(step, schedule, cfg.iterations, desc, progress, corruption)

@@ -16,7 +16,8 @@ Algorithms (each with every requested weighting, on identical seeds, tasks and b
 
 Weightings: ``mean`` (plain batched Reptile/MAML), ``agreement`` (the paper's Eq. 13, for
 MAML measured on the inner-loop deltas θ − θ_i as in Algorithm 1, lines 7–9),
-``agreement_meta`` (MAML only: measured on the meta-gradients instead), ``nonnegative``
+``agreement_meta`` (MAML only: measured on the meta-gradients instead; likewise
+``geometric_median_meta``), ``nonnegative``
 and ``cosine`` (the library's opt-in variants).
 
 The N tasks of a meta-batch are adapted together: every parameter carries a leading task
@@ -60,6 +61,7 @@ from _common import (
     combines,
     make_weighting,
     mean_ci,
+    measures_meta_gradients,
     meta_train,
     outer_optimizer,
     pyplot,
@@ -242,7 +244,9 @@ def train(
     def step() -> Tensor:
         if cfg.algorithm == "reptile":
             return reptile_step(theta, aggregator, cfg, gen, corruption)
-        return maml_step(theta, aggregator, cfg, gen, weighting == "agreement_meta", corruption)
+        return maml_step(
+            theta, aggregator, cfg, gen, measures_meta_gradients(weighting), corruption
+        )
 
     desc = f"{cfg.algorithm} {weighting} seed {seed}"
     history = meta_train(step, schedule, cfg.iterations, desc, progress, corruption)

@@ -319,9 +319,10 @@ class LeaveOneOutAgreement(Weighting):
     .. math::
 
         r_i = g_i^\top \sum_{j \ne i} g_j = (G\mathbf 1)_i - G_{ii},\qquad
-        w_i = \frac{r_i}{\sum_k |r_k|}
-        \quad\text{or, with } ``non_negative=True``,\quad
-        w_i = \frac{\max(r_i, 0)}{\sum_k \max(r_k, 0)}.
+        w_i = \frac{r_i}{\sum_k |r_k|},
+
+    or, with ``non_negative=True``,
+    :math:`w_i = \max(r_i, 0) / \sum_k \max(r_k, 0)`.
 
     The paper's score :math:`(G\mathbf 1)_i` (Eshratifar, Eigen & Pedram, 2018, Eq. 13)
     holds the self term :math:`\lVert g_i\rVert^2`, so a task with a large update that
@@ -392,10 +393,12 @@ class GeometricMedian(Weighting):
     ``max_iterations`` updates. :math:`\nu` is ``smoothing`` times the root mean square
     of the task norms :math:`\sqrt{\operatorname{tr} G / N}`, so the weights do not
     depend on the vectors' scale; it keeps a median that lands on a task from dividing by
-    zero. All-zero vectors give uniform weights (from vectors, so do vectors whose squared
-    norms underflow float64, below about ``1e-154``: the Gramian cannot see them). When
-    the median is one of the tasks, Weiszfeld's iteration slows to a crawl; a test of
-    each task's optimality (Vardi & Zhang, 2000) finds it first. The iteration runs on the host: the
+    zero, and tasks closer than ν count as one point: :math:`\sum_i w_i g_i` is the
+    geometric median to within about :math:`N\nu` in the objective. When the median is
+    one of the tasks, Weiszfeld's iteration slows to a crawl; a test of each task's
+    optimality (Vardi & Zhang, 2000) finds it first. All-zero vectors give uniform
+    weights (from vectors, so do vectors whose squared norms underflow float64, below
+    about ``1e-154``: the Gramian cannot see them). The iteration runs on the host: the
     Gramian ``[N, N]`` is read back once per call (as TorchJD's weightings do), and from
     vectors it costs what every Gramian weighting costs (O(N²·P); in a process group every
     task's vector is gathered).

@@ -63,7 +63,7 @@ TUNING_RHO = 0.2
 #: Reptile: SGD α; MAML: Adam β (both annealed linearly to 0 by the harness).
 GRID = {
     ("sine", "reptile"): (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0),
-    ("sine", "maml"): (3e-4, 1e-3, 3e-3, 1e-2),
+    ("sine", "maml"): (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
     ("digits", "maml"): (3e-4, 1e-3, 3e-3),
 }
 SINE_ITERATIONS = 2000  # a fifth (Reptile) and a quarter (MAML) of the main protocol's
@@ -118,9 +118,18 @@ def run_one(job: dict[str, Any]) -> str:
     path = run_path(Path(job["root"]), job)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(result))
+    partial.write_text(compact(result))
     partial.replace(path)  # whole or absent: a study killed mid-write resumes cleanly
     return str(path)
+
+
+def compact(result: dict[str, Any]) -> str:
+    """A run as JSON, its weight history (diagnostics, 200 points) rounded to 5
+    significant digits; every reported number kept exact."""
+    history = result["history"]
+    for key in ("min", "max", "negative_share"):
+        history[key] = [float(f"{v:.5g}") for v in history[key]]
+    return json.dumps(result, separators=(",", ":"))
 
 
 def _jobs(root: Path, quick: bool, **fixed: Any) -> dict[str, Any]:
@@ -284,6 +293,7 @@ def collect(root: Path, quick: bool) -> dict[str, Any]:
                     "error": [error(r) for r in runs],
                     "share": [r["corrupted_weight_share"] if r else math.nan for r in runs],
                     "lr": lr,
+                    "missing": sum(r is None for r in runs),
                 }
     return cells
 
@@ -292,6 +302,22 @@ def _cell(mean: float, half: float, digits: int) -> str:
     if math.isnan(mean):
         return "—"
     return f"{mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
+
+
+def _entry(entry: dict[str, Any], digits: int, baseline: dict[str, Any] | None = None) -> str:
+    """One cell of a table: mean ± CI (or, with ``baseline``, the paired difference);
+    "—" while runs are missing; "diverged in k of n" when some diverged."""
+    values = entry["error"]
+    if entry["missing"] or (baseline is not None and baseline["missing"]):
+        return "—"
+    diverged = sum(math.isnan(v) for v in values)
+    if diverged:
+        return f"diverged in {diverged} of {len(values)}"
+    if baseline is None:
+        return _cell(*interval(values), digits)
+    if any(math.isnan(v) for v in baseline["error"]):
+        return "—"
+    return _cell(*paired(values, baseline["error"]), digits)
 
 
 def tables(cells: dict[Any, Any]) -> str:
@@ -319,13 +345,10 @@ def tables(cells: dict[Any, Any]) -> str:
         for weighting, cell in by_weighting.items():
             parts = []
             for rho in rhos:
-                parts.append(_cell(*interval(cell[rho]["error"]), digits))
-                if weighting == "mean":
-                    parts.append("")
-                else:
-                    parts.append(
-                        _cell(*paired(cell[rho]["error"], mean_cells[rho]["error"]), digits)
-                    )
+                parts.append(_entry(cell[rho], digits))
+                parts.append(
+                    "" if weighting == "mean" else _entry(cell[rho], digits, mean_cells[rho])
+                )
             out.append(f"| {weighting} | {cell[rhos[0]]['lr']:g} | " + " | ".join(parts) + " |")
         out.append("")
     out.append(
@@ -376,8 +399,10 @@ def figure(cells: dict[Any, Any], path: Path) -> bool:
         print("matplotlib is not installed: no figure")
         return False
     keys = list(cells)
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4))
-    for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
+    rows = (len(keys) + 2) // 3  # three panels a row, one cell kept for the legend
+    fig, grid = plt.subplots(rows, 3, figsize=(13, 3.6 * rows), squeeze=False)
+    axes = list(grid.flat)
+    for ax, key in zip(axes, keys):
         family, algorithm, kind = key
         for weighting, cell in cells[key].items():
             rhos = sorted(cell)
@@ -391,14 +416,24 @@ def figure(cells: dict[Any, Any], path: Path) -> bool:
                 [m + h for m, h in zip(means, halves)], color=color, alpha=0.12,
             )  # fmt: skip
         ax.set_xlabel("RHO (share of corrupted training tasks)")
-        ax.set_yscale("log")
+        if family == "sine" and any(
+            interval(c[rho]["error"])[0] > 0 for c in cells[key].values() for rho in c
+        ):
+            ax.set_yscale("log")  # the failures sit two orders of magnitude above the rest
         if family == "sine":
             ax.set_title(f"sine, {algorithm}, {kind}", fontsize=9)
             ax.set_ylabel("MSE after 5 steps")
         else:
             ax.set_title("digits 5-way 1-shot, MAML, labels", fontsize=9)
             ax.set_ylabel("error on test classes (%)")
-    (axes[0] if len(keys) > 1 else axes).legend(fontsize=6)
+    legend: dict[str, Any] = {}
+    for ax in axes[: len(keys)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
+    for spare in axes[len(keys) :]:
+        spare.axis("off")
+    axes[-1].legend(handles, labels, loc="center", fontsize=9, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -3,9 +3,8 @@
 Every aten operator that reaches the dispatcher from Python counts once, by name (those an
 operator calls inside are not counted): the same on every torch version, unlike the CPU
 profiler's nesting of its events (torch 2.1 attached some to no parent). The test suite
-keeps its own counter (``tests/_counting.py``): the tests and the benchmark scripts import
-nothing from each other (the tests run the scripts as programs), and this one class is
-not worth a module both would share.
+loads this same class from this file (``tests/_counting.py``), so that the counts it
+asserts and those the scripts print come from one piece of code.
 """
 
 from __future__ import annotations

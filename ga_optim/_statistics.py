@@ -70,22 +70,16 @@ def statistic(
     if needs == "gramian":
         rows = collective.gather(matrix.double(), counts)
         return rows @ rows.T
-    inverse = None
+    inverse = own = None
     if needs == "leave_one_out_scores":
         matrix = matrix.double()
         largest = (matrix.abs().amax() if matrix.numel() else matrix.new_zeros(())).reshape(1)
         collective.max_(largest)
-        _, exponent = torch.frexp(largest)
-        matrix = torch.ldexp(matrix, exponent.clamp(min=-1000).neg().double())
-        total = matrix.sum(0)
-        collective.sum_(total)
-        scores = matrix @ total - torch.linalg.vecdot(matrix, matrix)
-        return collective.gather(scores, counts)
+        matrix = _below_one(matrix, largest)
+        own = torch.linalg.vecdot(matrix, matrix)  # the self terms ‖g_i‖², left out
     if needs == "unit_scores":
         matrix = matrix.double()
-        _, exponent = torch.frexp(matrix.abs().amax(dim=1, keepdim=True))
-        # Capped so that the factor itself stays finite for subnormal rows.
-        matrix = torch.ldexp(matrix, exponent.clamp(min=-1000).neg().double())
+        matrix = _below_one(matrix, matrix.abs().amax(dim=1, keepdim=True))
         norms = torch.linalg.vector_norm(matrix, dim=1)
         inverse = torch.where(norms > 0, 1.0 / norms, 0.0)
         total = matrix.T @ inverse
@@ -93,7 +87,19 @@ def statistic(
         total = matrix.sum(0) if scratch is None else torch.sum(matrix, 0, out=scratch)
     collective.sum_(total)
     scores = matrix @ total
-    return collective.gather(scores if inverse is None else inverse * scores, counts)
+    if inverse is not None:
+        scores = inverse * scores
+    elif own is not None:
+        scores = scores - own
+    return collective.gather(scores, counts)
+
+
+def _below_one(matrix: Tensor, largest: Tensor) -> Tensor:
+    """``matrix`` times the power of two that brings ``largest`` (its largest magnitude,
+    whole or per row) into ``[0.5, 1)``: exact, on the device. The factor is capped at
+    ``2**1000`` so that it stays finite for subnormal entries."""
+    _, exponent = torch.frexp(largest)
+    return torch.ldexp(matrix, exponent.clamp(min=-1000).neg().double())
 
 
 def unit_scale(matrix: Tensor, collective: Collective) -> float:

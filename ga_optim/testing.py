@@ -242,9 +242,9 @@ def _eps(weights: Tensor) -> float:
     return float(torch.finfo(weights.dtype).eps)
 
 
-def _needs(weighting: object) -> object:
-    """What ``weighting`` reads (an aggregator's weighting's), or ``None``."""
-    return getattr(getattr(weighting, "weighting", weighting), "needs", None)
+def _weighting_of(weighting: object) -> object:
+    """The weighting itself, also when given an aggregator (which holds one)."""
+    return getattr(weighting, "weighting", weighting)
 
 
 def _leave_one_out_kappa(matrix: Tensor, positive: bool) -> float:
@@ -276,8 +276,9 @@ def _tolerance(
     norms = rows.norm(dim=1, keepdim=True)
     directions = torch.where(norms > 0, rows / norms.clamp_min(torch.finfo(torch.float64).tiny), 0)
     kappa = max(_kappa(matrix), _kappa(directions))
-    if _needs(weighting) == "leave_one_out_scores":
-        positive = bool(getattr(getattr(weighting, "weighting", weighting), "non_negative", False))
+    underlying = _weighting_of(weighting)
+    if getattr(underlying, "needs", None) == "leave_one_out_scores":
+        positive = bool(getattr(underlying, "non_negative", False))
         kappa = max(kappa, _leave_one_out_kappa(matrix, positive))
     return slack * weights.numel() * _eps(weights) * min(kappa, 1e300)
 

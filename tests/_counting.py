@@ -1,19 +1,17 @@
 """Counting what a call dispatches: every aten operator, by name (one entry per call that
-reaches the dispatcher from Python; what an operator does inside is not counted)."""
+reaches the dispatcher from Python; what an operator does inside is not counted).
+
+The one counter is the benchmark scripts' (``benchmarks/_dispatched.py``), loaded from its
+file: the operation counts the tests assert and those the scripts print come from the
+same code.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Any
+from pathlib import Path
 
-from torch.utils._python_dispatch import TorchDispatchMode
+from tests._examples import load_script
 
+_DISPATCHED = Path(__file__).resolve().parents[1] / "benchmarks" / "_dispatched.py"
 
-class CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
+CountOps = load_script(_DISPATCHED, "_benchmarks_dispatched").Dispatched

@@ -132,10 +132,6 @@ def compact(result: dict[str, Any]) -> str:
     return json.dumps(result, separators=(",", ":"))
 
 
-def _jobs(root: Path, quick: bool, **fixed: Any) -> dict[str, Any]:
-    return {"root": str(root), "quick": quick, **fixed}
-
-
 def _pending(root: Path, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [job for job in jobs if not run_path(root, job).exists()]
 
@@ -175,7 +171,8 @@ def error(run: dict[str, Any] | None) -> float:
 
 def _job(root: Path, quick: bool, setting: tuple[Any, ...], **rest: Any) -> dict[str, Any]:
     family, algorithm, kind, _ = setting
-    return _jobs(root, quick, family=family, algorithm=algorithm, kind=kind, **rest)
+    return {"root": str(root), "quick": quick, "family": family, "algorithm": algorithm,
+            "kind": kind, **rest}  # fmt: skip
 
 
 def weightings_of(setting: tuple[Any, ...]) -> tuple[str, ...]:
@@ -224,7 +221,8 @@ def picked_rates(root: Path, quick: bool) -> dict[tuple[Any, ...], float]:
                 if not any(math.isnan(v) for v in values):
                     scores[lr] = statistics.fmean(values)
             if scores:
-                picked[(*setting[:3], weighting)] = min(scores, key=scores.__getitem__)
+                key = (*setting[:3], weighting)
+                picked[key] = min(scores, key=scores.__getitem__)
     return picked
 
 
@@ -254,13 +252,9 @@ def run(root: Path, quick: bool, workers: int) -> None:
 
 
 def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of a 95 % normal interval over seeds (as elsewhere in
-    docs/RESULTS.md); NaN when a run is missing or diverged."""
-    if not values or any(math.isnan(v) for v in values):
-        return math.nan, math.nan
-    if len(values) < 2:
-        return values[0], math.nan
-    return statistics.fmean(values), 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+    """Mean and the half-width of a 95 % normal interval over seeds, NaN when a run
+    diverged: the harness's own :func:`mean_ci`, as everywhere in docs/RESULTS.md."""
+    return _harness("_common").mean_ci(values)
 
 
 def paired(values: list[float], baseline: list[float]) -> tuple[float, float]:

@@ -72,7 +72,7 @@ class Corruption:
         self.generator = torch.Generator().manual_seed(1_000_003 + seed)
         self.noise = torch.Generator().manual_seed(2_000_003 + seed)
         self.mask: Tensor | None = None  # the current meta-batch's corrupted tasks
-        self._share_sum = torch.zeros((), dtype=torch.float64)
+        self._share_sum: Tensor | float = 0.0  # on the weights' device: no read per step
         self._steps = 0
 
     def draw(self, tasks: int) -> Tensor:
@@ -82,8 +82,9 @@ class Corruption:
 
     def record(self, weights: Tensor) -> None:
         assert self.mask is not None and self.mask.shape == weights.shape
-        magnitude = weights.detach().abs().double().cpu()
-        self._share_sum += (magnitude * self.mask).sum() / magnitude.sum()
+        magnitude = weights.detach().abs().double()
+        mask = self.mask.to(magnitude.device)
+        self._share_sum = self._share_sum + (magnitude * mask).sum() / magnitude.sum()
         self._steps += 1
 
     @property
@@ -104,7 +105,7 @@ class Oracle(Weighting):
     def from_scores(self, scores: Tensor) -> Tensor:
         if self.corruption is None or self.corruption.mask is None:
             raise RuntimeError("The oracle needs the run's Corruption (see make_weighting).")
-        clean = (~self.corruption.mask).to(scores.dtype)
+        clean = (~self.corruption.mask).to(scores.device, scores.dtype)
         if clean.shape != scores.shape:
             raise ValueError(
                 f"The oracle knows {clean.numel()} tasks; the batch has {scores.numel()}."

@@ -157,17 +157,6 @@ class GradientAgreementAggregator:
         process_group: Any = None,
     ) -> None:
         self.params = check_params(params)
-        for p, param in enumerate(self.params):
-            if not param.is_leaf:
-                raise ValueError(
-                    f"`params[{p}]` should be a leaf tensor (a parameter). Found a non-leaf "
-                    "tensor; an optimizer cannot update it."
-                )
-            if param.device != self.params[0].device:
-                raise ValueError(
-                    f"`params[{p}]` is on device {param.device}; `params[0]` is on "
-                    f"{self.params[0].device}. ga_optim keeps a meta-batch on one device."
-                )
         if optimizer is not None:
             if not hasattr(optimizer, "step") or not hasattr(optimizer, "param_groups"):
                 raise TypeError(
@@ -242,8 +231,7 @@ class GradientAgreementAggregator:
             if agreement_vectors is not None and gramian is not None:
                 raise TypeError("Pass at most one of `agreement_vectors` and `gramian`.")
             empty = self.distributed
-            tasks = as_tasks(task_vectors, "task_vectors", self.params, allow_empty=empty)
-            measured = tasks
+            tasks = measured = as_tasks(task_vectors, params=self.params, allow_empty=empty)
             if agreement_vectors is not None:
                 measured = as_tasks(
                     agreement_vectors, "agreement_vectors", self.params, allow_empty=empty
@@ -262,51 +250,41 @@ class GradientAgreementAggregator:
             return _Call(tasks, measured, (tasks.num_tasks,), 0, tasks.dtypes, measured.dtypes)
         signature = [0] * (2 + 2 * len(self.params))
         if error is None:
-            signature = [
-                tasks.num_tasks,
-                int(agreement_vectors is not None),
-                *map(dtype_code, tasks.dtypes),
-                *map(dtype_code, measured.dtypes),
-            ]
-        return self._merge(self._collective.agree(error, signature), tasks, measured)
-
-    def _merge(self, rows: list[list[int]], tasks: Tasks, measured: Tasks) -> _Call:
-        """Every rank's signature → the global view (the same on every rank, so any error
-        raised here is raised everywhere)."""
-        world = len(rows)
+            dtypes = tasks.dtypes + measured.dtypes
+            signature = [tasks.num_tasks, agreement_vectors is not None, *map(dtype_code, dtypes)]
+        rows = self._collective.agree(error, signature)
+        # Every rank's signature → the global view (the same on every rank, so any error
+        # raised here is raised everywhere).
         counts = tuple(row[0] for row in rows)
         if sum(counts) == 0:
             raise ValueError(
-                f"`task_vectors` holds no task on any of the {world} ranks; at least one "
+                f"`task_vectors` holds no task on any of the {len(rows)} ranks; at least one "
                 "rank should pass a task."
             )
-        forms = {row[1] for row, count in zip(rows, counts) if count}
-        if len(forms) > 1:
-            given = [r for r, row in enumerate(rows) if row[1] and counts[r]]
+        active = {r: row for r, row in enumerate(rows) if row[0]}
+        if len({row[1] for row in active.values()}) > 1:
             raise ValueError(
-                f"Ranks {given} passed `agreement_vectors` and the other ranks with tasks did "
-                "not: every rank should call with the same form (MAML or Reptile)."
+                f"Ranks {[r for r, row in active.items() if row[1]]} passed "
+                "`agreement_vectors` and the other ranks with tasks did not: every rank "
+                "should call with the same form (MAML or Reptile)."
             )
-        n_params = len(self.params)
-        merged: list[tuple[torch.dtype | None, ...]] = []
-        for what, column in (("task_vectors", 2), ("agreement_vectors", 2 + n_params)):
-            dtypes: list[torch.dtype | None] = []
-            for p in range(n_params):
-                codes = {r: row[column + p] for r, row in enumerate(rows) if row[column + p]}
-                if len(set(codes.values())) > 1:
-                    (r1, c1), (r2, c2) = [
-                        next((r, c) for r, c in codes.items() if c == code)
-                        for code in sorted(set(codes.values()))[:2]
-                    ]
-                    raise TypeError(
-                        f"`{what}` parameter {p} has dtype {code_dtype(c1)} on rank {r1} and "
-                        f"{code_dtype(c2)} on rank {r2}; every rank should pass the same "
-                        "dtypes."
-                    )
-                dtypes.append(code_dtype(next(iter(codes.values()))) if codes else None)
-            merged.append(tuple(dtypes))
+        n_params, merged = len(self.params), []
+        for column in range(2, 2 + 2 * n_params):
+            codes = {r: row[column] for r, row in active.items() if row[column]}
+            if len(set(codes.values())) > 1:
+                r1 = next(iter(codes))
+                r2 = next(r for r in codes if codes[r] != codes[r1])
+                what = "task_vectors" if column < 2 + n_params else "agreement_vectors"
+                raise TypeError(
+                    f"`{what}` parameter {(column - 2) % n_params} has dtype "
+                    f"{code_dtype(codes[r1])} on rank {r1} and {code_dtype(codes[r2])} on "
+                    f"rank {r2}; every rank should pass the same dtypes."
+                )
+            merged.append(code_dtype(max(codes.values(), default=0)))
         first = sum(counts[: self._collective.rank])
-        return _Call(tasks, measured, counts, first, merged[0], merged[1])
+        return _Call(
+            tasks, measured, counts, first, tuple(merged[:n_params]), tuple(merged[n_params:])
+        )
 
     # -- one computation: pack, statistic, weights, update, one flag ---------------------
 
@@ -349,18 +327,43 @@ class GradientAgreementAggregator:
             weights if weights.dtype == measured.dtype else weights.to(measured.dtype),
         )
 
-    def _run(self, call: _Call, gramian: Tensor | None, mode: _Mode) -> _Result:
-        """The call's weights and update, with one value read back; :meth:`_careful` when
-        the flag is down."""
-        matrix = self._pack(call.tasks, call.dtypes)
-        measured = matrix
+    def _run(
+        self, call: _Call, gramian: Tensor | None, mode: _Mode, careful: bool = False
+    ) -> _Result:
+        """The call's weights and update, with one value read back. When that flag is down
+        the same computation runs again, ``careful``: with a check after each stage, it
+        raises (on every rank) naming the rank, task and parameter of a non-finite value,
+        rescales scores that over- or underflow, and names a weighting whose weights are
+        wrong."""
+        n = sum(call.counts)
+        matrix = measured = self._pack(call.tasks, call.dtypes)
         if call.measured is not call.tasks:
             measured = self._pack(call.measured, call.measured_dtypes)
-        needs, stat, weights = self._weigh(call, measured, gramian)
-        if weights.shape != (sum(call.counts),):
-            return self._careful(call, matrix, measured, gramian, mode)
-        # A probe that is finite exactly when everything read and produced is (an
-        # overflow of its own sum is a false alarm that only costs the careful path).
+        unreadable = False
+        if careful and self.non_finite == "raise":
+
+            def find() -> None:
+                locate_non_finite(matrix, self.layout, call.tasks.name)
+                locate_non_finite(measured, self.layout, call.measured.name)
+
+            self._collective.raise_together(find)
+        elif careful:
+            bad = (~torch.isfinite(measured)).any().double().reshape(1)
+            self._collective.max_(bad)
+            unreadable = self.weighting.needs != "count" and bool(bad)
+        if unreadable:  # the weights read a non-finite value: they and the update are NaN
+            needs, stat = "count", measured
+            weights = torch.full((n,), math.nan, dtype=measured.dtype, device=measured.device)
+        else:
+            needs, stat, weights = self._weigh(call, measured, gramian, rescale=careful)
+        if weights.shape != (n,) and not careful:
+            return self._run(call, gramian, mode, careful=True)
+        if careful and not unreadable:
+            if weights.shape != (n,) or not bool(torch.isfinite(weights).all()):
+                raise ValueError(
+                    f"{self.weighting!r} returned weights {weights.tolist()} of shape "
+                    f"{tuple(weights.shape)} from finite input; expected ({n},), finite."
+                )
         update = outputs = None
         if mode == "weights":
             probe = weights.sum()
@@ -371,6 +374,16 @@ class GradientAgreementAggregator:
             for part in outputs:  # a cast to fp16/bf16 may overflow
                 if part.dtype.itemsize < update.dtype.itemsize:
                     probe = probe + part.sum()
+        if careful:
+            parts = [] if update is None or outputs is None else [update, *outputs]
+            if self.non_finite == "raise" and not all(bool(p.isfinite().all()) for p in parts):
+                raise ValueError(
+                    "The weighted sum of `task_vectors` overflowed its dtype "
+                    f"({parts[0].dtype}); rescale the vectors or use a wider dtype."
+                )
+            return self._result(call, measured, weights, outputs)
+        # A probe that is finite exactly when everything read and produced is (an
+        # overflow of its own sum is a false alarm that only costs the careful path).
         if needs == "count" and self.non_finite == "raise":  # values Mean does not read
             if measured is not matrix or mode == "weights":
                 unread = measured.sum().reshape(1)
@@ -385,7 +398,7 @@ class GradientAgreementAggregator:
             probe = probe + stat.sum()
         flag = probe * 0 == 0
         if not bool(flag if clear is None else flag & clear):  # the one value read back
-            return self._careful(call, matrix, measured, gramian, mode)
+            return self._run(call, gramian, mode, careful=True)
         return self._result(call, measured, weights, outputs)
 
     def _combine(self, matrix: Tensor, weights: Tensor, call: _Call) -> Tensor:
@@ -416,52 +429,6 @@ class GradientAgreementAggregator:
             return [v if v.dtype == p.dtype else v.to(p.dtype) for v, p in zip(views, self.params)]
         wanted = [d or p.dtype for d, p in zip(call.dtypes, self.params)]
         return [part.to(dtype, copy=True) for part, dtype in zip(self.layout.split(update), wanted)]
-
-    def _careful(
-        self, call: _Call, matrix: Tensor, measured: Tensor, gramian: Tensor | None, mode: _Mode
-    ) -> _Result:
-        """The same computation with a check after each stage: raises (on every rank)
-        naming the rank, task and parameter of a non-finite value; rescales scores that
-        over- or underflow; names a weighting whose weights are wrong."""
-        n = sum(call.counts)
-        if self.non_finite == "raise":
-
-            def find() -> None:
-                locate_non_finite(matrix, self.layout, call.tasks.name)
-                locate_non_finite(measured, self.layout, call.measured.name)
-
-            self._collective.raise_together(find)
-            unreadable = False
-        else:
-            bad = (~torch.isfinite(measured)).any().double().reshape(1)
-            self._collective.max_(bad)
-            unreadable = self.weighting.needs != "count" and bool(bad)
-        if unreadable:
-            # the weights read a non-finite value: they and the whole update are NaN
-            weights = torch.full((n,), math.nan, dtype=measured.dtype, device=measured.device)
-        else:
-            _, _, weights = self._weigh(call, measured, gramian, rescale=True)
-            if weights.shape != (n,):
-                raise ValueError(
-                    f"{self.weighting!r} returned weights of shape {tuple(weights.shape)}; "
-                    f"expected ({n},)."
-                )
-            if not bool(torch.isfinite(weights).all()):
-                raise ValueError(
-                    f"{self.weighting!r} returned non-finite weights {weights.tolist()} "
-                    "from finite input."
-                )
-        outputs = None
-        if mode != "weights":
-            update = self._combine(matrix, weights, call)
-            outputs = self._outputs(update, mode, call)
-            finite = all(bool(torch.isfinite(t).all()) for t in [update, *outputs])
-            if not finite and self.non_finite == "raise":
-                raise ValueError(
-                    "The weighted sum of `task_vectors` overflowed its dtype "
-                    f"({update.dtype}); rescale the vectors or use a wider dtype."
-                )
-        return self._result(call, measured, weights, outputs)
 
     def _result(
         self, call: _Call, measured: Tensor, weights: Tensor, outputs: list[Tensor] | None

@@ -65,32 +65,47 @@ def _shape(shape: torch.Size) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def check_params(params: object, name: str = "params") -> list[Tensor]:
-    """Return ``params`` as a non-empty list of distinct floating-point tensors."""
+def _floating(value: object, where: str, expected: str = "a Tensor") -> Tensor:
+    """``value`` if it is a floating-point tensor, else the error naming ``where``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{where} should be {expected}. Found `{type(value).__name__}`.")
+    if not value.is_floating_point():
+        raise TypeError(f"{where} should have a floating-point dtype. Found {value.dtype}.")
+    return value
+
+
+def check_params(params: object) -> list[Tensor]:
+    """Return ``params`` as a non-empty list of distinct floating-point leaf tensors on one
+    device."""
     if isinstance(params, Tensor):
         raise TypeError(
-            f"`{name}` should be an iterable of tensors (e.g. model.parameters()). "
+            "`params` should be an iterable of tensors (e.g. model.parameters()). "
             f"Found a single Tensor of shape {_shape(params.shape)}; wrap it in a list."
         )
     try:
         result: list[Tensor] = list(params)  # type: ignore[call-overload]
     except TypeError:
         raise TypeError(
-            f"`{name}` should be an iterable of tensors. Found `{type(params).__name__}`."
+            f"`params` should be an iterable of tensors. Found `{type(params).__name__}`."
         ) from None
     if not result:
-        raise ValueError(f"`{name}` should hold at least one tensor. Found an empty iterable.")
+        raise ValueError("`params` should hold at least one tensor. Found an empty iterable.")
     seen: dict[int, int] = {}
     for p, param in enumerate(result):
-        if not isinstance(param, Tensor):
-            raise TypeError(f"`{name}[{p}]` should be a Tensor. Found `{type(param).__name__}`.")
-        if not param.is_floating_point():
-            raise TypeError(
-                f"`{name}[{p}]` should have a floating-point dtype. Found {param.dtype}."
-            )
+        _floating(param, f"`params[{p}]`")
         if id(param) in seen:
-            raise ValueError(f"`{name}[{p}]` is the same tensor as `{name}[{seen[id(param)]}]`.")
+            raise ValueError(f"`params[{p}]` is the same tensor as `params[{seen[id(param)]}]`.")
         seen[id(param)] = p
+        if not param.is_leaf:
+            raise ValueError(
+                f"`params[{p}]` should be a leaf tensor (a parameter). Found a non-leaf "
+                "tensor; an optimizer cannot update it."
+            )
+        if param.device != result[0].device:
+            raise ValueError(
+                f"`params[{p}]` is on device {param.device}; `params[0]` is on "
+                f"{result[0].device}. ga_optim keeps a meta-batch on one device."
+            )
     return result
 
 
@@ -104,28 +119,23 @@ def _stacked_tensor(
             f"`{name}` should be a tensor [N, ...] with N >= 1 tasks along dimension 0. "
             f"Found shape {_shape(task_vectors.shape)}."
         )
-    if not task_vectors.is_floating_point():
-        raise TypeError(f"`{name}` should have a floating-point dtype. Found {task_vectors.dtype}.")
-    n = task_vectors.shape[0]
-    matrix = task_vectors
-    if params is None or (len(params) == 1 and task_vectors.shape[1:] == params[0].shape):
-        shapes = [task_vectors.shape[1:]]
-        if task_vectors.dim() != 2:
-            matrix = task_vectors.reshape(n, shapes[0].numel())
-    else:
-        numels = [param.numel() for param in params]
-        if task_vectors.dim() != 2 or task_vectors.shape[1] != sum(numels):
-            described = ", ".join(str(_shape(param.shape)) for param in params)
+    _floating(task_vectors, f"`{name}`")
+    n, shapes = task_vectors.shape[0], [task_vectors.shape[1:]]
+    if params is not None and (len(params) > 1 or shapes[0] != params[0].shape):
+        shapes = [param.shape for param in params]
+        width = sum(shape.numel() for shape in shapes)
+        if task_vectors.dim() != 2 or task_vectors.shape[1] != width:
             raise ValueError(
                 f"`{name}` is a tensor of shape {_shape(task_vectors.shape)}; for the "
-                f"{len(params)} parameters ({described}) expected [N, *param.shape] for a "
-                f"single parameter or [N, {sum(numels)}] (flattened and concatenated)."
+                f"{len(params)} parameters ({', '.join(str(_shape(s)) for s in shapes)}) "
+                f"expected [N, *param.shape] for a single parameter or [N, {width}] "
+                "(flattened and concatenated)."
             )
-        shapes = [param.shape for param in params]
-    if params is not None and task_vectors.device != params[0].device:  # (one device)
+    if params is not None and task_vectors.device != params[0].device:
         raise ValueError(
             f"`{name}` is on device {task_vectors.device}; parameter 0 has {params[0].device}."
         )
+    matrix = task_vectors.reshape(n, -1) if task_vectors.dim() != 2 else task_vectors
     dtypes = (task_vectors.dtype if n else None,) * len(shapes)
     return Tasks(name, "matrix", matrix, n, tuple(shapes), dtypes, task_vectors.device)
 
@@ -142,44 +152,29 @@ def _task_stack(
         )
     if not columns:
         raise ValueError(f"`{name}` should hold at least one stacked tensor. Found none.")
-    first = columns[0]
-    n = first.shape[0] if isinstance(first, Tensor) and first.dim() else -1
-    refs = [first] * len(columns) if params is None else params
-    shapes = [c.shape[1:] if isinstance(c, Tensor) and c.dim() else None for c in columns]
-    for p, (column, shape, ref) in enumerate(zip(columns, shapes, refs)):
-        if (
-            shape is not None
-            and column.shape[0] == n
-            and column.is_floating_point()
-            and (params is None or shape == ref.shape)
-            and column.device == ref.device
-        ):
-            continue  # the common case: nothing to say
+    for p, column in enumerate(columns):
         where = f"`{name}` parameter {p}"
-        if not isinstance(column, Tensor):
-            raise TypeError(
-                f"{where} should be a Tensor [N, ...]. Found `{type(column).__name__}`."
-            )
-        if not column.is_floating_point():
-            raise TypeError(f"{where} should have a floating-point dtype. Found {column.dtype}.")
+        _floating(column, where, "a Tensor [N, ...]")
         if column.dim() == 0:
             raise ValueError(f"{where} should be [N, ...] with the tasks along dimension 0.")
-        if column.shape[0] != n:
+        ref = columns[0] if params is None else params[p]
+        if column.shape[0] != columns[0].shape[0]:
             raise ValueError(
                 f"{where} holds {column.shape[0]} tasks along dimension 0; parameter 0 "
-                f"holds {n}. Every parameter should hold the same tasks."
+                f"holds {columns[0].shape[0]}. Every parameter should hold the same tasks."
             )
-        param = first if params is None else params[p]
-        if params is not None and column.shape[1:] != param.shape:
-            raise ValueError(stacked_shape_message(where, column.shape, param.shape))
-        if column.device != param.device:
+        if params is not None and column.shape[1:] != ref.shape:
+            raise ValueError(stacked_shape_message(where, column.shape, ref.shape))
+        if column.device != ref.device:
             raise ValueError(
-                f"{where} is on device {column.device}; the parameter is on {param.device}."
+                f"{where} is on device {column.device}; the parameter is on {ref.device}."
             )
+    n = columns[0].shape[0]
     if n == 0 and not allow_empty:
         raise ValueError(f"`{name}` should hold at least one task. Found N = 0.")
+    shapes = tuple(column.shape[1:] for column in columns)
     dtypes = tuple(column.dtype if n else None for column in columns)
-    return Tasks(name, "columns", columns, n, tuple(shapes), dtypes, first.device)  # type: ignore[arg-type]
+    return Tasks(name, "columns", columns, n, shapes, dtypes, columns[0].device)
 
 
 def stacked_shape_message(where: str, found: torch.Size, param_shape: torch.Size) -> str:
@@ -192,122 +187,75 @@ def stacked_shape_message(where: str, found: torch.Size, param_shape: torch.Size
     )
 
 
-def _sequence_tasks(
-    task_vectors: object, name: str, allow_empty: bool
-) -> list[list[Tensor | None]]:
-    if isinstance(task_vectors, (str, bytes)) or not isinstance(task_vectors, Sequence):
-        raise TypeError(
-            f"`{name}` should be a tensor [N, ...] or a sequence of N per-task sequences of "
-            f"tensors. Found `{type(task_vectors).__name__}`."
-        )
-    if len(task_vectors) == 0 and not allow_empty:
-        raise ValueError(f"`{name}` should hold at least one task. Found an empty sequence.")
-    tasks: list[list[Tensor | None]] = []
-    for i, task in enumerate(task_vectors):
-        if isinstance(task, Tensor):
-            raise TypeError(
-                f"`{name}[{i}]` should be a sequence of per-parameter tensors. Found a Tensor of "
-                f"shape {_shape(task.shape)}; wrap it in a list, or pass one stacked tensor "
-                f"[N, ...] as `{name}`."
-            )
-        if isinstance(task, (str, bytes)) or not isinstance(task, Sequence):
-            raise TypeError(
-                f"`{name}[{i}]` should be a sequence of per-parameter tensors. "
-                f"Found `{type(task).__name__}`."
-            )
-        tasks.append(list(task))
-    return tasks
+def _sequence(value: object, where: str, expected: str) -> list[Any]:
+    """``value`` as a list if it is a sequence (not a string or a tensor), else the error."""
+    if isinstance(value, (str, bytes, Tensor)) or not isinstance(value, Sequence):
+        found = f"`{type(value).__name__}`"
+        if isinstance(value, Tensor):
+            found = f"a Tensor of shape {_shape(value.shape)}; wrap it in a list, or pass "
+            found += "one stacked tensor [N, ...]"
+        raise TypeError(f"{where} should be {expected}. Found {found}.")
+    return list(value)
 
 
 def _list_columns(
-    tasks: list[list[Tensor | None]], name: str, params: list[Tensor] | None, num_params: int
-) -> tuple[list[torch.Size | None], list[torch.dtype | None], list[torch.device | None]]:
+    tasks: list[list[Any]], name: str, params: list[Tensor] | None, num_params: int
+) -> list[tuple[torch.Size | None, torch.dtype | None, torch.device | None]]:
     """Each parameter's shape, dtype and device across per-task lists, or the error that
     names the first task and parameter that disagree. Shapes and devices must match the
     parameter (or, without one, the first task that has it); dtypes must agree across
     tasks but may differ from the parameter's (e.g. fp16 gradients of fp32 weights)."""
-    shapes: list[torch.Size | None] = []
-    dtypes: list[torch.dtype | None] = []
-    devices: list[torch.device | None] = []
+    found: list[tuple[torch.Size | None, torch.dtype | None, torch.device | None]] = []
     for p in range(num_params):
-        column = [task[p] for task in tasks]
-        first = next((v for v in column if v is not None), None)
-        if isinstance(first, Tensor) and first.is_floating_point():  # one sweep first
-            ref = first if params is None else params[p]
-            shape, dtype, device = ref.shape, first.dtype, ref.device
-            if all(
-                v is None
-                or (
-                    isinstance(v, Tensor)
-                    and v.shape == shape
-                    and v.dtype == dtype
-                    and v.device == device
-                )
-                for v in column
-            ):
-                shapes.append(shape)
-                dtypes.append(dtype)
-                devices.append(device)
-                continue
-        first = None
-        for i, vector in enumerate(column):
-            if vector is None:
-                continue
-            if not isinstance(vector, Tensor) or not vector.is_floating_point():
-                where = f"`{name}[{i}][{p}]`"
-                if not isinstance(vector, Tensor):
-                    found = type(vector).__name__
-                    raise TypeError(f"{where} should be a Tensor or None. Found `{found}`.")
-                raise TypeError(
-                    f"{where} should have a floating-point dtype. Found {vector.dtype}."
-                )
-            if first is None:
-                first, first_task = vector, i
-            ref = first if params is None else params[p]
+        present = [(i, task[p]) for i, task in enumerate(tasks) if task[p] is not None]
+        if not present:
+            found.append((None, None, None))
+            continue
+        first_task, first = present[0][0], present[0][1]
+        first = _floating(first, f"`{name}[{first_task}][{p}]`", "a Tensor or None")
+        ref = first if params is None else params[p]
+        has = f"task {first_task} has" if params is None else f"parameter {p} has"
+        for i, vector in present:
             if (
-                vector.shape != ref.shape
-                or vector.device != ref.device
-                or vector.dtype != first.dtype
+                isinstance(vector, Tensor)
+                and vector.shape == ref.shape
+                and vector.dtype == first.dtype
+                and vector.device == ref.device
             ):
-                where = f"`{name}[{i}][{p}]`"
-                ref_what = f"task {first_task} has" if params is None else f"parameter {p} has"
-                if vector.shape != ref.shape:
-                    raise ValueError(
-                        f"{where} has shape {_shape(vector.shape)}; {ref_what} "
-                        f"{_shape(ref.shape)} for the same parameter."
-                    )
-                if vector.device != ref.device:
-                    raise ValueError(
-                        f"{where} is on device {vector.device}; {ref_what} {ref.device} "
-                        "for the same parameter."
-                    )
-                raise TypeError(
-                    f"{where} has dtype {vector.dtype}; task {first_task} has {first.dtype} "
+                continue  # the common case: nothing to say
+            where = f"`{name}[{i}][{p}]`"
+            _floating(vector, where, "a Tensor or None")
+            if vector.shape != ref.shape:
+                raise ValueError(
+                    f"{where} has shape {_shape(vector.shape)}; {has} {_shape(ref.shape)} "
                     "for the same parameter."
                 )
-        reference = first if params is None else params[p]
-        shapes.append(None if reference is None else reference.shape)
-        dtypes.append(None if first is None else first.dtype)
-        devices.append(None if reference is None else reference.device)
-    return shapes, dtypes, devices
+            if vector.device != ref.device:
+                raise ValueError(
+                    f"{where} is on device {vector.device}; {has} {ref.device} for the same "
+                    "parameter."
+                )
+            raise TypeError(
+                f"{where} has dtype {vector.dtype}; task {first_task} has {first.dtype} for "
+                "the same parameter."
+            )
+        found.append((ref.shape, first.dtype, ref.device))
+    return found
 
 
-def check_gramian(gramian: object, name: str = "gramian") -> Tensor:
+def check_gramian(gramian: object) -> Tensor:
     """Return ``gramian`` if it is a finite floating-point ``[N, N]`` tensor with N >= 1."""
-    if not isinstance(gramian, Tensor):
-        raise TypeError(f"`{name}` should be a Tensor [N, N]. Found `{type(gramian).__name__}`.")
+    gramian = _floating(gramian, "`gramian`", "a Tensor [N, N]")
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
         raise ValueError(
-            f"`{name}` should be a square matrix [N, N] with N >= 1. "
+            "`gramian` should be a square matrix [N, N] with N >= 1. "
             f"Found shape {_shape(gramian.shape)}."
         )
-    if not gramian.is_floating_point():
-        raise TypeError(f"`{name}` should have a floating-point dtype. Found {gramian.dtype}.")
     bad = (~torch.isfinite(gramian)).nonzero()
     if bad.numel():
         i, j = bad[0].tolist()
         raise NonFiniteError(
-            f"`{name}` should be finite. Found {gramian[i, j].item()} at [{i}, {j}]."
+            f"`gramian` should be finite. Found {gramian[i, j].item()} at [{i}, {j}]."
         )
     return gramian
 
@@ -351,19 +299,24 @@ def as_tasks(
         return _stacked_tensor(task_vectors, name, params, empty)
     if isinstance(task_vectors, TaskStack):
         return _task_stack(task_vectors, name, params, empty)
-    tasks = _sequence_tasks(task_vectors, name, empty)
+    expected = "a tensor [N, ...] or a sequence of N per-task sequences of tensors"
+    tasks = _sequence(task_vectors, f"`{name}`", expected)
+    if not tasks and not empty:
+        raise ValueError(f"`{name}` should hold at least one task. Found an empty sequence.")
+    tasks = [
+        _sequence(task, f"`{name}[{i}]`", "a sequence of per-parameter tensors")
+        for i, task in enumerate(tasks)
+    ]
     num_params = len(params) if params is not None else len(tasks[0])
     for i, task in enumerate(tasks):
         if len(task) != num_params:
-            expected = (
-                f"one per parameter ({num_params})"
-                if params is not None
-                else f"as many as task 0 ({num_params})"
-            )
+            expected = f"as many as task 0 ({num_params})"
+            if params is not None:
+                expected = f"one per parameter ({num_params})"
             raise ValueError(f"`{name}[{i}]` holds {len(task)} tensors; expected {expected}.")
     if num_params == 0:
         raise ValueError(f"`{name}[0]` should hold at least one tensor. Found an empty sequence.")
-    shapes, dtypes, devices = _list_columns(tasks, name, params, num_params)
+    shapes, dtypes, devices = zip(*_list_columns(tasks, name, params, num_params))
     placed = [(p, d) for p, d in enumerate(devices) if d is not None]
     for p, device in placed:
         if device != placed[0][1]:

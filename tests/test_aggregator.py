@@ -14,6 +14,7 @@ from ga_optim import (
     Mean,
     NonNegativeAgreement,
     TaskStack,
+    Weighting,
     agreement_weights,
 )
 from ga_optim.testing import reference_agreement_weights, task_batches
@@ -250,6 +251,38 @@ def test_failed_calls_leave_everything_untouched() -> None:
             call()
         _assert_same(before, _snapshot(model, outer))
         assert aggregator.num_steps == 1 and aggregator.last_weights is weights_before
+
+
+class _Broken(Weighting):
+    """A weighting of one's own that gets its weights wrong: too few, or NaN."""
+
+    needs = "scores"
+
+    def __init__(self, result: str) -> None:
+        self.result = result
+
+    def from_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.result == "short":
+            return scores[:-1] / scores.abs().sum()
+        return torch.full_like(scores, float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("result", "match"),
+    [
+        ("short", r"of shape \(2,\) .* expected \(3,\)"),
+        ("nan", r"\[nan, nan, nan\] of shape \(3,\)"),
+    ],
+)
+def test_wrong_weights_from_a_weighting_raise_naming_it(result: str, match: str) -> None:
+    param = torch.zeros(2, requires_grad=True)
+    outer = torch.optim.SGD([param], lr=0.1)
+    aggregator = GradientAgreementAggregator([param], outer, weighting=_Broken(result))
+    tasks = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    for call in (aggregator.step, aggregator.aggregate, aggregator.weights):
+        with pytest.raises(ValueError, match=r"_Broken\(\) returned weights .*" + match):
+            call(tasks)
+        assert param.grad is None and not param.any() and aggregator.num_steps == 0
 
 
 class _FailingSGD(torch.optim.SGD):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor
 from ._checks import Tasks, as_tasks, check_gramian, check_params
 from ._collective import code_dtype, dtype_code, make_collective
 from ._matrix import Layout, Rows, accumulation_dtype, locate_non_finite, pack
-from ._statistics import cosines, statistic, unit_scale
+from ._statistics import cosines, scaled, statistic
 from ._weightings import Agreement, Weighting
 
 __all__ = ["AgreementDiagnostics", "GradientAgreementAggregator", "NonFinitePolicy", "weights_of"]
@@ -247,7 +247,7 @@ class GradientAgreementAggregator:
                 raise
             error = found
         if not self.distributed:
-            return _Call(tasks, measured, (tasks.num_tasks,), 0, tasks.dtypes, measured.dtypes)
+            return _Call(tasks, measured, (tasks.num_tasks,), 0)
         signature = [0] * (2 + 2 * len(self.params))
         if error is None:
             dtypes = tasks.dtypes + measured.dtypes
@@ -281,15 +281,14 @@ class GradientAgreementAggregator:
                     f"rank {r2}; every rank should pass the same dtypes."
                 )
             merged.append(code_dtype(max(codes.values(), default=0)))
-        first = sum(counts[: self._collective.rank])
-        return _Call(
-            tasks, measured, counts, first, tuple(merged[:n_params]), tuple(merged[n_params:])
-        )
+        same, tasks = measured is tasks, replace(tasks, dtypes=tuple(merged[:n_params]))
+        measured = tasks if same else replace(measured, dtypes=tuple(merged[n_params:]))
+        return _Call(tasks, measured, counts, sum(counts[: self._collective.rank]))
 
     # -- one computation: pack, statistic, weights, update, one flag ---------------------
 
-    def _pack(self, tasks: Tasks, dtypes: tuple[torch.dtype | None, ...]) -> Tensor:
-        dtype = accumulation_dtype(dtypes)
+    def _pack(self, tasks: Tasks) -> Tensor:
+        dtype = accumulation_dtype(tasks.dtypes)
         key = (tasks.name, dtype)
         if tasks.form != "matrix" and key not in self._rows:
             self._rows[key] = Rows(self.layout, dtype, self.params[0].device)
@@ -312,7 +311,7 @@ class GradientAgreementAggregator:
             needs = self.weighting.needs
             source = measured
             if rescale and needs == "scores":
-                source = measured.double() * unit_scale(measured, self._collective)
+                source = scaled(measured, self._collective)
             # The task sum lives in the update buffer until the update overwrites it.
             spare = self._buffer(source.dtype)[0] if needs == "scores" and not rescale else None
             stat = statistic(source, needs, self._collective, call.counts, spare)
@@ -336,9 +335,9 @@ class GradientAgreementAggregator:
         rescales scores that over- or underflow, and names a weighting whose weights are
         wrong."""
         n = sum(call.counts)
-        matrix = measured = self._pack(call.tasks, call.dtypes)
+        matrix = measured = self._pack(call.tasks)
         if call.measured is not call.tasks:
-            measured = self._pack(call.measured, call.measured_dtypes)
+            measured = self._pack(call.measured)
         unreadable = False
         if careful and self.non_finite == "raise":
 
@@ -427,7 +426,7 @@ class GradientAgreementAggregator:
         if mode == "step":
             views = self._buffer(update.dtype)[1]
             return [v if v.dtype == p.dtype else v.to(p.dtype) for v, p in zip(views, self.params)]
-        wanted = [d or p.dtype for d, p in zip(call.dtypes, self.params)]
+        wanted = [d or p.dtype for d, p in zip(call.tasks.dtypes, self.params)]
         return [part.to(dtype, copy=True) for part, dtype in zip(self.layout.split(update), wanted)]
 
     def _result(
@@ -448,15 +447,13 @@ class GradientAgreementAggregator:
         """
         if (task_vectors is None) == (gramian is None):
             raise TypeError("Pass exactly one of `task_vectors` and `gramian`.")
+        if gramian is not None and self.distributed:
+            raise ValueError(
+                "`gramian` cannot be given with a `process_group`: pass the task vectors."
+            )
         if gramian is not None:
-            if self.distributed:
-                raise ValueError(
-                    "`gramian` cannot be given with a `process_group`: pass the task vectors."
-                )
             return self.weighting.weights(gramian=gramian)
-        self._collective.reset_bytes()
-        with torch.no_grad():
-            return self._run(self._prepare(task_vectors, None, None), None, "weights").weights
+        return self._call(task_vectors, None, None, "weights").weights
 
     def _call(
         self, task_vectors: object, agreement_vectors: object, gramian: Tensor | None, mode: _Mode
@@ -580,14 +577,13 @@ class GradientAgreementAggregator:
 @dataclass(frozen=True)
 class _Call:
     """One call's validated input and what every rank agreed on: the tasks per rank, this
-    rank's first task, and each parameter's dtype on any rank (``None``: no task has it)."""
+    rank's first task; in a process group, each parameter's dtype in ``tasks.dtypes`` and
+    ``measured.dtypes`` is the one on any rank (``None``: no task has it)."""
 
     tasks: Tasks
     measured: Tasks
     counts: tuple[int, ...]
     first: int
-    dtypes: tuple[torch.dtype | None, ...]
-    measured_dtypes: tuple[torch.dtype | None, ...]
 
 
 @dataclass(frozen=True)

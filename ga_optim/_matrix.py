@@ -14,7 +14,8 @@ float64, promoted over parameters (:func:`accumulation_dtype`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -22,6 +23,8 @@ from torch import Tensor
 from ._checks import NonFiniteError, Tasks
 
 __all__ = ["Layout", "Rows", "accumulation_dtype", "copy_into", "locate_non_finite", "pack"]
+
+_T = TypeVar("_T")
 
 
 def accumulation_dtype(dtypes: Sequence[torch.dtype | None]) -> torch.dtype:
@@ -80,10 +83,7 @@ class Rows:
         self.layout, self.dtype, self.device = layout, dtype, device
         self.storage = torch.empty(0, layout.width, dtype=dtype, device=device)
         self.filled = 0
-        self._rows: list[list[Tensor]] = []
-        self._flat: dict[int, list[Tensor]] = {}
-        self._columns: dict[int, list[Tensor]] = {}
-        self._matrices: dict[int, Tensor] = {}
+        self._views: dict[tuple[str, int], Any] = {}  # made once per storage
 
     @classmethod
     def for_params(cls, params: Sequence[Tensor], layout: Layout) -> Rows:
@@ -94,33 +94,28 @@ class Rows:
     def reserve(self, n: int, *, keep: int = 0) -> None:
         """Room for ``n`` rows, the first ``keep`` of them kept."""
         if n > self.storage.shape[0]:
-            grown = torch.empty(
-                max(n, 2 * self.storage.shape[0]),
-                self.layout.width,
-                dtype=self.dtype,
-                device=self.device,
-            )
+            size = (max(n, 2 * self.storage.shape[0]), self.layout.width)
+            grown = torch.empty(size, dtype=self.dtype, device=self.device)
             grown[:keep] = self.storage[:keep]
-            self.storage, self._rows = grown, []
-            self._flat, self._columns, self._matrices = {}, {}, {}
+            self.storage, self._views = grown, {}
+
+    def _cached(self, kind: str, n: int, make: Callable[[], _T]) -> _T:
+        if (kind, n) not in self._views:
+            self._views[kind, n] = make()
+        found: _T = self._views[kind, n]
+        return found
 
     def row(self, i: int) -> list[Tensor]:
         """Row ``i``'s views, one per parameter, shaped like it."""
-        while len(self._rows) <= i:
-            self._rows.append(self.layout.split(self.storage[len(self._rows)]))
-        return self._rows[i]
+        return self._cached("row", i, lambda: self.layout.split(self.storage[i]))
 
     def flat_views(self, n: int) -> list[Tensor]:
         """Rows ``0 … n-1``'s views, one after the other (row-major)."""
-        if n not in self._flat:
-            self._flat[n] = [view for i in range(n) for view in self.row(i)]
-        return self._flat[n]
+        return self._cached("flat", n, lambda: [v for i in range(n) for v in self.row(i)])
 
     def column_views(self, n: int) -> list[Tensor]:
         """The first ``n`` rows as one view ``[n, *shape]`` per parameter."""
-        if n not in self._columns:
-            self._columns[n] = self.layout.columns(self.storage[:n])
-        return self._columns[n]
+        return self._cached("columns", n, lambda: self.layout.columns(self.storage[:n]))
 
     def append(self) -> list[Tensor]:
         """The next free row's views (its values are left to the caller to write)."""
@@ -138,9 +133,7 @@ class Rows:
     def matrix(self, n: int | None = None) -> Tensor:
         """The first ``n`` rows (default: those appended) as ``[n, P]``."""
         n = self.filled if n is None else n
-        if n not in self._matrices:
-            self._matrices[n] = self.storage[:n]
-        return self._matrices[n]
+        return self._cached("matrix", n, lambda: self.storage[:n])
 
 
 def pack(tasks: Tasks, layout: Layout, dtype: torch.dtype, rows: Rows | None = None) -> Tensor:

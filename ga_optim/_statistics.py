@@ -23,7 +23,7 @@ each rank holds its own rows, and what crosses the wire is named below):
 * *Overflow and underflow of the scores.* Scores that are not finite, or whose largest
   magnitude falls below ``tiny/eps`` of their dtype (subnormal products lose digits),
   send the call to the aggregator's careful path, which recomputes them in float64 on the
-  matrix scaled by the power of two :func:`unit_scale`: exact, so the weights do not
+  matrix scaled by a power of two (:func:`scaled`): exact, so the weights do not
   change and sums that cancel exactly still do. Unit scores scale each row by its own
   power of two first, so no norm under- or overflows whatever a task's magnitude.
   Normalising divides by ``Σ|r|`` after a power-of-two scaling
@@ -44,7 +44,6 @@ each rank holds its own rows, and what crosses the wire is named below):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -52,7 +51,7 @@ from torch import Tensor
 
 from ._collective import Collective
 
-__all__ = ["cosines", "statistic", "unit_scale"]
+__all__ = ["cosines", "scaled", "statistic"]
 
 
 def statistic(
@@ -72,14 +71,10 @@ def statistic(
         return rows @ rows.T
     inverse = own = None
     if needs == "leave_one_out_scores":
-        matrix = matrix.double()
-        largest = (matrix.abs().amax() if matrix.numel() else matrix.new_zeros(())).reshape(1)
-        collective.max_(largest)
-        matrix = _below_one(matrix, largest)
+        matrix = scaled(matrix, collective)
         own = torch.linalg.vecdot(matrix, matrix)  # the self terms ‖g_i‖², left out
     if needs == "unit_scores":
-        matrix = matrix.double()
-        matrix = _below_one(matrix, matrix.abs().amax(dim=1, keepdim=True))
+        matrix = scaled(matrix, None)
         norms = torch.linalg.vector_norm(matrix, dim=1)
         inverse = torch.where(norms > 0, 1.0 / norms, 0.0)
         total = matrix.T @ inverse
@@ -94,32 +89,26 @@ def statistic(
     return collective.gather(scores, counts)
 
 
-def _below_one(matrix: Tensor, largest: Tensor) -> Tensor:
-    """``matrix`` times the power of two that brings ``largest`` (its largest magnitude,
-    whole or per row) into ``[0.5, 1)``: exact, on the device. The factor is capped at
-    ``2**1000`` so that it stays finite for subnormal entries."""
+def scaled(matrix: Tensor, collective: Collective | None) -> Tensor:
+    """``matrix`` in float64 times the power of two that brings its largest magnitude
+    (over every rank's rows; with ``collective=None``, each row's own) into ``[0.5, 1)``:
+    exact, on the device, so nothing over- or underflows and sums that cancel still do.
+    The factor is capped at ``2**1000`` so that it stays finite for subnormal entries."""
+    matrix = matrix.double()
+    if collective is None:
+        largest = matrix.abs().amax(dim=1, keepdim=True)
+    else:
+        largest = (matrix.abs().amax() if matrix.numel() else matrix.new_zeros(())).reshape(1)
+        collective.max_(largest)
     _, exponent = torch.frexp(largest)
     return torch.ldexp(matrix, exponent.clamp(min=-1000).neg().double())
-
-
-def unit_scale(matrix: Tensor, collective: Collective) -> float:
-    """The power of two ``c`` with ``c · max|J| ∈ [0.5, 1)`` over every rank's rows (0 for
-    an all-zero or non-finite matrix); capped at ``2**1000`` so subnormal float64 entries
-    stay in range. One value read back."""
-    largest = (matrix.abs().amax() if matrix.numel() else matrix.new_zeros(())).double()
-    largest = largest.reshape(1)
-    collective.max_(largest)
-    value = float(largest)
-    if value == 0.0 or not math.isfinite(value):
-        return 0.0
-    return math.ldexp(1.0, min(-math.frexp(value)[1], 1000))
 
 
 def cosines(matrix: Tensor, collective: Collective, counts: Sequence[int]) -> Tensor:
     """``cos(g_i, Σ_j g_j)`` for every rank's tasks, in float64 (0 for a zero vector or a
     zero sum), from the scores and ``‖s‖² = Σ_i r_i``: one more pass for the row norms."""
-    scaled = matrix.double() * unit_scale(matrix, collective)
-    scores = statistic(scaled, "scores", collective, counts)
-    norms = collective.gather(torch.linalg.vector_norm(scaled, dim=1), counts)
+    matrix = scaled(matrix, collective)
+    scores = statistic(matrix, "scores", collective, counts)
+    norms = collective.gather(torch.linalg.vector_norm(matrix, dim=1), counts)
     denominator = norms * scores.sum().clamp(min=0).sqrt()
     return torch.where(denominator > 0, scores / denominator, 0.0).clamp(-1.0, 1.0)

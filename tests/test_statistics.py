@@ -8,7 +8,7 @@ import torch
 from hypothesis import example, given
 
 from ga_optim._collective import Collective
-from ga_optim._statistics import cosines, statistic, unit_scale
+from ga_optim._statistics import cosines, scaled, statistic
 from ga_optim.testing import reference_gramian, task_batches
 
 LOCAL = Collective()
@@ -65,10 +65,14 @@ def test_unit_scores_do_not_depend_on_each_tasks_magnitude(batch: list[list[torc
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * len(batch))
 
 
-def test_unit_scale_is_the_power_of_two_to_unit_magnitude() -> None:
-    assert unit_scale(torch.tensor([[3.0, -5.0]]), LOCAL) == 1 / 8  # 5/8 in [0.5, 1)
-    assert unit_scale(torch.zeros(2, 3), LOCAL) == 0.0
-    assert unit_scale(torch.tensor([[1e-310]], dtype=torch.float64), LOCAL) == 2.0**1000
+def test_scaled_is_times_the_power_of_two_to_unit_magnitude() -> None:
+    j = torch.tensor([[3.0, -5.0], [0.25, 0.0]])
+    assert scaled(j, LOCAL).tolist() == [[3 / 8, -5 / 8], [1 / 32, 0.0]]  # 5/8 in [0.5, 1)
+    assert scaled(j, None).tolist() == [[3 / 8, -5 / 8], [0.5, 0.0]]  # each row its own
+    assert scaled(j, LOCAL).dtype == torch.float64
+    assert scaled(torch.zeros(2, 3), LOCAL).tolist() == [[0.0] * 3] * 2
+    tiny = torch.tensor([[1e-310]], dtype=torch.float64)
+    assert scaled(tiny, LOCAL).item() == 1e-310 * 2.0**1000  # the factor is capped
 
 
 def test_cosines_by_hand() -> None:

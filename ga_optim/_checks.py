@@ -135,7 +135,9 @@ def _stacked_tensor(
         raise ValueError(
             f"`{name}` is on device {task_vectors.device}; parameter 0 has {params[0].device}."
         )
-    matrix = task_vectors.reshape(n, -1) if task_vectors.dim() != 2 else task_vectors
+    matrix = task_vectors
+    if task_vectors.dim() != 2:
+        matrix = task_vectors.reshape(n, shapes[0].numel())
     dtypes = (task_vectors.dtype if n else None,) * len(shapes)
     return Tasks(name, "matrix", matrix, n, tuple(shapes), dtypes, task_vectors.device)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ga_optim import GradientAgreementAggregator, Mean, TaskStack, agreement_weights
+from ga_optim._checks import as_tasks
 
 v = torch.ones(3)
 m = torch.ones(2, 2)
@@ -292,3 +293,14 @@ def test_task_stack_reads_each_column_as_its_parameter() -> None:
     for g, column in zip(got, columns, strict=True):
         expected = (weights[:, None] * column.reshape(5, -1)).sum(0).reshape(column.shape[1:])
         torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (), (5,)])
+def test_a_rank_with_no_task_passes_an_empty_stacked_tensor(shape: tuple[int, ...]) -> None:
+    # In a process group a rank may hold no task: [0, *shape] is read as a [0, P] matrix.
+    param = torch.zeros(shape, requires_grad=True)
+    tasks = as_tasks(torch.zeros(0, *shape), params=[param], allow_empty=True)
+    assert tasks.num_tasks == 0 and tasks.data.shape == (0, param.numel())
+    assert tasks.dtypes == (None,)
+    with pytest.raises(ValueError, match=r"N >= 1 tasks along dimension 0"):
+        as_tasks(torch.zeros(0, *shape), params=[param])

@@ -209,39 +209,39 @@ def _list_columns(
     tasks but may differ from the parameter's (e.g. fp16 gradients of fp32 weights)."""
     found: list[tuple[torch.Size | None, torch.dtype | None, torch.device | None]] = []
     for p in range(num_params):
-        present = [(i, task[p]) for i, task in enumerate(tasks) if task[p] is not None]
-        if not present:
+        column = [task[p] for task in tasks]
+        first_task = next((i for i, vector in enumerate(column) if vector is not None), None)
+        if first_task is None:
             found.append((None, None, None))
             continue
-        first_task, first = present[0][0], present[0][1]
-        first = _floating(first, f"`{name}[{first_task}][{p}]`", "a Tensor or None")
+        first = _floating(column[first_task], f"`{name}[{first_task}][{p}]`", "a Tensor or None")
         ref = first if params is None else params[p]
-        has = f"task {first_task} has" if params is None else f"parameter {p} has"
-        for i, vector in present:
-            if (
+        shape, dtype, device = ref.shape, first.dtype, ref.device
+        found.append((shape, dtype, device))
+        for i, vector in enumerate(column):
+            if vector is None or (
                 isinstance(vector, Tensor)
-                and vector.shape == ref.shape
-                and vector.dtype == first.dtype
-                and vector.device == ref.device
+                and vector.shape == shape
+                and vector.dtype == dtype
+                and vector.device == device
             ):
                 continue  # the common case: nothing to say
             where = f"`{name}[{i}][{p}]`"
             _floating(vector, where, "a Tensor or None")
-            if vector.shape != ref.shape:
+            has = f"task {first_task} has" if params is None else f"parameter {p} has"
+            if vector.shape != shape:
                 raise ValueError(
-                    f"{where} has shape {_shape(vector.shape)}; {has} {_shape(ref.shape)} "
-                    "for the same parameter."
+                    f"{where} has shape {_shape(vector.shape)}; {has} {_shape(shape)} for the "
+                    "same parameter."
                 )
-            if vector.device != ref.device:
+            if vector.device != device:
                 raise ValueError(
-                    f"{where} is on device {vector.device}; {has} {ref.device} for the same "
-                    "parameter."
+                    f"{where} is on device {vector.device}; {has} {device} for the same parameter."
                 )
             raise TypeError(
-                f"{where} has dtype {vector.dtype}; task {first_task} has {first.dtype} for "
-                "the same parameter."
+                f"{where} has dtype {vector.dtype}; task {first_task} has {dtype} for the same "
+                "parameter."
             )
-        found.append((ref.shape, first.dtype, ref.device))
     return found
 
 

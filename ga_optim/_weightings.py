@@ -375,38 +375,53 @@ class GeometricMedian(Weighting):
     r"""The weights whose combination :math:`\sum_i w_i g_i` is the geometric median.
 
     The geometric median :math:`z^\star = \arg\min_z \sum_i \lVert g_i - z\rVert` of the
-    task vectors, found by the smoothed Weiszfeld iteration of RFA (Pillutla, Kakade &
-    Harchaoui, *Robust Aggregation for Federated Learning*, arXiv 1912.13445, Algorithm 3):
+    task vectors, smoothed as in RFA (Pillutla, Kakade & Harchaoui, *Robust Aggregation for
+    Federated Learning*, arXiv 1912.13445, Algorithm 3): the weights are Weiszfeld's at
+    the minimum :math:`z` of the smoothed objective,
 
     .. math::
 
-        w_i \leftarrow \frac{1/\max(d_i, \nu)}{\sum_k 1/\max(d_k, \nu)},\qquad
-        d_i^2 = \lVert g_i - z\rVert^2 = G_{ii} - 2(Gw)_i + w^\top G w,\qquad
-        z = \sum_i w_i g_i,
+        w_i = \frac{1/\max(d_i, \nu)}{\sum_k 1/\max(d_k, \nu)},\qquad
+        d_i = \lVert g_i - z\rVert,\qquad
+        z = \arg\min_z \sum_i \phi_\nu(\lVert g_i - z\rVert),\quad
+        \phi_\nu(d) = \begin{cases} d & d \ge \nu \\ d^2/(2\nu) + \nu/2 & d < \nu
+        \end{cases}
 
-    from the Gramian alone, starting at :math:`w = 1/N`, in float64. A task far from the
+    so that :math:`z = \sum_i w_i g_i` (its optimality condition). A task far from the
     rest gets a weight inversely proportional to its distance, however large its update:
     the median moves by at most a bounded amount when a minority of tasks is corrupted
     (breakdown point 1/2). ``w_i >= 0`` and ``Σ w_i = 1``; identical tasks get ``1/N``.
 
-    The iteration stops when no weight moves by more than ``tolerance`` or after
-    ``max_iterations`` updates. :math:`\nu` is ``smoothing`` times the root mean square
-    of the task norms :math:`\sqrt{\operatorname{tr} G / N}`, so the weights do not
-    depend on the vectors' scale; it keeps a median that lands on a task from dividing by
-    zero, and tasks closer than ν count as one point: :math:`\sum_i w_i g_i` is the
-    geometric median to within about :math:`N\nu` in the objective. When the median is
-    one of the tasks, Weiszfeld's iteration slows to a crawl; a test of each task's
-    optimality (Vardi & Zhang, 2000) finds it first. All-zero vectors give uniform
-    weights (from vectors, so do vectors whose squared norms underflow float64, below
-    about ``1e-154``: the Gramian cannot see them). The iteration runs on the host: the
-    Gramian ``[N, N]`` is read back once per call (as TorchJD's weightings do), and from
-    vectors it costs what every Gramian weighting costs (O(N²·P); in a process group every
-    task's vector is gathered).
+    From the Gramian alone, in float64: the tasks become points with that Gramian (its
+    eigendecomposition, directions below rounding dropped), and :math:`z` is found by
+    Newton's method (quadratically convergent, as in Overton, *Math. Programming* 27, 1983)
+    with a backtracking line search, a Weiszfeld step where Newton's does not lower the
+    objective, starting at the mean; it stops when a step changes no weight by more than
+    about ``tolerance`` (relatively) or moves :math:`z` by no more than rounding. The
+    weights are then polished by Weiszfeld's iteration above on the weights themselves,
+    whose distances :math:`d_i^2 = G_{ii} - 2(Gw)_i + w^\top G w` come from the Gramian
+    directly (the eigendecomposition resolves distances only to about √ε of the largest
+    norm), until no weight moves by more than ``tolerance``. Weiszfeld's iteration alone
+    crawls where the objective is nearly flat around the median (the stress profile found
+    four 2-D tasks whose weights were still 0.07 from their limit after 1 000 steps) and
+    next to a task; from Newton's point it has nothing left to crawl. Each stage takes at
+    most ``max_iterations`` steps.
+    :math:`\nu` is ``smoothing`` times the root mean square of the task norms
+    :math:`\sqrt{\operatorname{tr} G / N}`, so the weights do not depend on the vectors'
+    scale; tasks closer than ν count as one point, and :math:`\sum_i w_i g_i` is the
+    geometric median to within about :math:`N\nu` in the objective. A median that is not
+    unique (tasks on a line, an even number of them) is the one this path from the mean
+    reaches. All-zero vectors give uniform weights (from vectors, so do vectors whose
+    squared norms underflow float64, below about ``1e-154``: the Gramian cannot see them).
+    It runs on the host: the Gramian ``[N, N]`` is read back once per call (as TorchJD's
+    weightings do), and from vectors it costs what every Gramian weighting costs (O(N²·P);
+    in a process group every task's vector is gathered).
 
     Args:
         smoothing: :math:`\nu` relative to the RMS task norm (default ``1e-6``).
-        tolerance: stop when ``max_i |Δw_i| <= tolerance`` (default ``1e-10``).
-        max_iterations: at most this many updates (default 1000).
+        tolerance: stop when a step changes no weight by more than this (default
+            ``1e-10``).
+        max_iterations: at most this many steps of each stage (default 1000).
 
     Example:
         >>> import torch
@@ -436,18 +451,54 @@ class GeometricMedian(Weighting):
         scale = float(g.diagonal().clamp(min=0).mean())  # the mean squared task norm
         if scale == 0:
             return torch.full((n,), 1.0 / n, dtype=dtype, device=gramian.device)
-        g = g / scale  # unit RMS norm: ν is relative
-        squares = g.diagonal().clamp(min=0)
-        weights = _median_on_a_task(g, squares, self.smoothing)
-        if weights is None:
-            weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
-            for _ in range(self.max_iterations):
-                gw = g @ weights
-                distances = (squares - 2 * gw + weights @ gw).clamp(min=0).sqrt()
-                inverse = 1.0 / distances.clamp(min=self.smoothing)
-                moved, weights = weights, inverse / inverse.sum()
-                if float((weights - moved).abs().max()) <= self.tolerance:
-                    break
+        # The tasks as points with this Gramian, at unit RMS norm (ν is relative).
+        values, vectors = torch.linalg.eigh(g / scale)
+        kept = values > values.max() * n * 2**-52
+        points = vectors[:, kept] * values[kept].sqrt()
+        nu, eye = self.smoothing, torch.eye(points.shape[1], dtype=torch.float64)
+
+        def objective(z: Tensor) -> float:  # Σ φ_ν(d_i)
+            d = (points - z).norm(dim=1)
+            return float(torch.where(d < nu, d * d / (2 * nu) + nu / 2, d).sum())
+
+        z = points.mean(0)
+        for _ in range(self.max_iterations):
+            diff = z - points
+            d = diff.norm(dim=1)
+            inverse = 1.0 / d.clamp(min=nu)
+            gradient = (diff * inverse[:, None]).sum(0)
+            unit = diff * (inverse * (d >= nu))[:, None]  # (z − g_i)/d_i outside ν, else 0
+            if float(gradient.norm()) <= 4 * n * 2**-52:  # Σ of unit vectors, at rounding
+                break
+            total = inverse.sum()
+            hessian = eye * total - (unit * inverse[:, None]).T @ unit  # Σ (I − u uᵀ)/d_i
+            # Damped where the objective is flat (a median that is not unique), so that
+            # rounding in the gradient does not move z along the flat direction.
+            step = -torch.linalg.solve(hessian + eye * (total * 2**-20), gradient)
+            now, size = objective(z), 1.0
+            while objective(z + size * step) > now and size > 2**-10:
+                size /= 2
+            if objective(z + size * step) > now:  # Weiszfeld's step never raises it
+                step, size = -gradient / total, 1.0
+            z, moved = z + size * step, float((size * step).norm())
+            # A move δ changes a weight by about δ/max(d_i, ν), relatively: stop when that
+            # is within the tolerance for every task, or the move is at rounding.
+            if moved * float(inverse.max()) <= self.tolerance or moved <= 2**-50 * (
+                1 + float(z.norm())
+            ):
+                break
+        inverse = 1.0 / (points - z).norm(dim=1).clamp(min=nu)
+        weights: Tensor = inverse / inverse.sum()
+        # Polished by Weiszfeld's steps on the weights, whose distances come from the
+        # Gramian directly: as exact for tasks close to each other as their own norms allow
+        # (the eigendecomposition resolves distances only to about √ε of the largest norm).
+        gram, squares = g / scale, (g / scale).diagonal().clamp(min=0)
+        for _ in range(self.max_iterations):
+            gw = gram @ weights
+            inverse = 1.0 / (squares - 2 * gw + weights @ gw).clamp(min=0).sqrt().clamp(min=nu)
+            previous, weights = weights, inverse / inverse.sum()
+            if float((weights - previous).abs().max()) <= self.tolerance:
+                break
         return weights.to(gramian.device, dtype)
 
     def __repr__(self) -> str:
@@ -455,36 +506,3 @@ class GeometricMedian(Weighting):
             f"GeometricMedian(smoothing={self.smoothing}, tolerance={self.tolerance}, "
             f"max_iterations={self.max_iterations})"
         )
-
-
-def _median_on_a_task(gramian: Tensor, squares: Tensor, nu: float) -> Tensor | None:
-    """Uniform weights over the tasks at ``g_k`` when the geometric median *is* ``g_k``
-    (where Weiszfeld's iteration slows to a crawl), else ``None``.
-
-    Vardi & Zhang's test (PNAS 97(4), 2000): ``g_k`` is the median when
-    ``‖Σ_{i: g_i ≠ g_k} (g_k − g_i)/‖g_k − g_i‖‖ <= m_k``, its multiplicity (tasks within
-    ``ν`` count as coincident), to a relative ``1e-9``. Only when one location passes:
-    two (a median that is not unique, as for two tasks) are left to the iteration, whose
-    start at the mean keeps the weights equivariant.
-    """
-    distances = (squares[:, None] + squares[None, :] - 2 * gramian).clamp(min=0).sqrt()
-    close = distances <= nu
-    inverse = torch.where(close, 0.0, 1.0 / distances.clamp(min=nu))
-    sums = inverse.sum(dim=1)
-    pull = (
-        (  # ‖Σ_i c_ki (g_k − g_i)‖² for every k at once
-            squares * sums**2
-            - 2 * sums * (inverse * gramian).sum(dim=1)
-            + ((inverse @ gramian) * inverse).sum(dim=1)
-        )
-        .clamp(min=0)
-        .sqrt()
-    )
-    multiplicity = close.sum(dim=1).double()
-    at_median = pull <= multiplicity * (1 + 1e-9)
-    if not bool(at_median.any()):
-        return None
-    k = int(torch.nonzero(at_median)[0])
-    if not bool(close[k][at_median].all()):
-        return None
-    return close[k].double() / multiplicity[k]

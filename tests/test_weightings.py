@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -409,6 +410,39 @@ def _weiszfeld_reference(matrix: torch.Tensor, smoothing: float = 1e-6) -> torch
     return point
 
 
+#: Found by the stress profile, each: Weiszfeld's iteration crawled (not converged after
+#: 1 000 steps), or an accelerated Weiszfeld (SQUAREM, tried) or Newton's method with a
+#: looser stop, or with distances from an eigendecomposition only, ended at different
+#: points for another order or scale of the same tasks.
+_STRESS_MEDIANS = (
+    [[0.0, -4e-4], [1e-3, -1e-3], [6e-4, -8e-4], [-8e-4, 0.0]],
+    [
+        [4.0625e-4, 6.5625e-4],
+        [-3.125e-5, 3.90625e-4],
+        [6.875e-4, 8.125e-4],
+        [-7.8125e-4, -3.125e-5],
+    ],
+    [
+        [4.0625e-4, 6.5625e-4],
+        [-3.125e-5, 3.984375e-4],
+        [6.875e-4, 8.125e-4],
+        [-7.96875e-4, -6.25e-5],
+    ],
+    [[1.192092896e-08], [1.192092896e-10], [0.0], [0.0], [1e-3]],  # three within ν
+    [[0.0], [1e-3], [1e-4], [3e-4]],  # not unique: any point in [1e-4, 3e-4]
+    [[-5e-4, 0.0], [-5.9605e-11, 0.0], [0.0, 1e-3], [0.0, 5e-4]],  # next to a task
+    [[5.8685e-61], [0.0], [1e-3], [1e-9]],  # distances of ν: weights need z to ν·tolerance
+    [[1e-3], [1e-9], [5.8685e-61]],
+    [[0.05, 0.05, 0, 0], [6.103515625e-08, 5e-4, 5e-4, 0], [0, 5e-4, 5e-4, 0]],  # 1.5 ν apart
+)
+
+
+def _stress_medians(test: Callable[..., None]) -> Callable[..., None]:
+    for rows in _STRESS_MEDIANS:
+        test = example([[torch.tensor(row, dtype=torch.float64)] for row in rows])(test)
+    return test
+
+
 @given(
     task_batches(
         min_tasks=2,
@@ -419,6 +453,7 @@ def _weiszfeld_reference(matrix: torch.Tensor, smoothing: float = 1e-6) -> torch
     )
 )
 @example([[torch.tensor(x, dtype=torch.float64)] for x in (0.0, 3e-4, 1.1921e-10)])  # stress
+@_stress_medians
 def test_geometric_median_is_the_median(batch: list[list[torch.Tensor]]) -> None:
     """Σ w_i g_i minimises Σ‖g_i − z‖ as well as Weiszfeld run to convergence on the vectors
     does, and the weights meet the invariants to the stopping tolerance."""
@@ -441,6 +476,22 @@ def test_geometric_median_is_the_median(batch: list[list[torch.Tensor]]) -> None
     n = len(batch)
     assert found <= best + 1e-8 * max(scale, 1e-300) * n + n * nu, (found, best)
     assert_weighting_invariants(GeometricMedian(), batch, signed=False, aligned=False, atol=1e-7)
+
+
+def test_geometric_median_in_a_flat_valley() -> None:
+    """The stress profile's slow case: Weiszfeld's iteration was still 0.07 from the
+    weights' limit after 1 000 steps (objective 8e-6 high, relative); Newton's reaches the
+    median (the reference runs Weiszfeld on the vectors 20 000 times)."""
+    matrix = torch.tensor(
+        [[0.0, -4e-4], [1e-3, -1e-3], [6e-4, -8e-4], [-8e-4, 0.0]], dtype=torch.float64
+    )
+    reference = _weiszfeld_reference(matrix)
+    weights = GeometricMedian()(matrix)
+    assert _objective(matrix, weights @ matrix) - _objective(matrix, reference) <= 1e-15
+    assert float((weights @ matrix - reference).norm()) <= 1e-8
+    # and its weights are Weiszfeld's at the median: a fixed point of its update
+    inverse = 1.0 / (matrix - weights @ matrix).norm(dim=1)
+    torch.testing.assert_close(weights, inverse / inverse.sum(), atol=1e-9, rtol=0)
 
 
 def test_geometric_median_resists_an_outlier() -> None:

@@ -452,7 +452,8 @@ class GeometricMedian(Weighting):
         if scale == 0:
             return torch.full((n,), 1.0 / n, dtype=dtype, device=gramian.device)
         # The tasks as points with this Gramian, at unit RMS norm (ν is relative).
-        values, vectors = torch.linalg.eigh(g / scale)
+        g = g / scale
+        values, vectors = torch.linalg.eigh(g)
         kept = values > values.max() * n * 2**-52
         points = vectors[:, kept] * values[kept].sqrt()
         nu, eye = self.smoothing, torch.eye(points.shape[1], dtype=torch.float64)
@@ -467,18 +468,18 @@ class GeometricMedian(Weighting):
             d = diff.norm(dim=1)
             inverse = 1.0 / d.clamp(min=nu)
             gradient = (diff * inverse[:, None]).sum(0)
-            unit = diff * (inverse * (d >= nu))[:, None]  # (z − g_i)/d_i outside ν, else 0
             if float(gradient.norm()) <= 4 * n * 2**-52:  # Σ of unit vectors, at rounding
                 break
+            unit = diff * (inverse * (d >= nu))[:, None]  # (z − g_i)/d_i outside ν, else 0
             total = inverse.sum()
             hessian = eye * total - (unit * inverse[:, None]).T @ unit  # Σ (I − u uᵀ)/d_i
             # Damped where the objective is flat (a median that is not unique), so that
             # rounding in the gradient does not move z along the flat direction.
             step = -torch.linalg.solve(hessian + eye * (total * 2**-20), gradient)
             now, size = objective(z), 1.0
-            while objective(z + size * step) > now and size > 2**-10:
+            while (worse := objective(z + size * step) > now) and size > 2**-10:
                 size /= 2
-            if objective(z + size * step) > now:  # Weiszfeld's step never raises it
+            if worse:  # Weiszfeld's step never raises it
                 step, size = -gradient / total, 1.0
             z, moved = z + size * step, float((size * step).norm())
             # A move δ changes a weight by about δ/max(d_i, ν), relatively: stop when that
@@ -492,9 +493,9 @@ class GeometricMedian(Weighting):
         # Polished by Weiszfeld's steps on the weights, whose distances come from the
         # Gramian directly: as exact for tasks close to each other as their own norms allow
         # (the eigendecomposition resolves distances only to about √ε of the largest norm).
-        gram, squares = g / scale, (g / scale).diagonal().clamp(min=0)
+        squares = g.diagonal().clamp(min=0)
         for _ in range(self.max_iterations):
-            gw = gram @ weights
+            gw = g @ weights
             inverse = 1.0 / (squares - 2 * gw + weights @ gw).clamp(min=0).sqrt().clamp(min=nu)
             previous, weights = weights, inverse / inverse.sum()
             if float((weights - previous).abs().max()) <= self.tolerance:

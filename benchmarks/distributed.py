@@ -66,8 +66,8 @@ def _time_case(
 
     runs: dict[str, Any] = {
         "ddp": ddp_style,
-        "mean": lambda: mean.step(tasks),
-        "agreement": lambda: agree.step(tasks),
+        "mean": lambda: mean.step(tasks, accumulate=False),
+        "agreement": lambda: agree.step(tasks, accumulate=False),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(repeats + 1):

@@ -161,10 +161,12 @@ def meta_steps(
     batch = episodes(cfg, shape, args.device)
     models = {variant: build_model(cfg, shape, seed=0) for variant in VARIANTS}
     variants = {variant: outer_step(variant, models[variant]) for variant in VARIANTS}
-    runs = {
-        v: (lambda v=v: meta_step(models[v], variants[v], cfg, batch))  # type: ignore[misc]
-        for v in variants
-    }
+
+    def train_step(v: str) -> Any:
+        models[v].zero_grad()  # as the loop does: the adapters add to .grad
+        return meta_step(models[v], variants[v], cfg, batch)  # type: ignore[arg-type]
+
+    runs = {v: (lambda v=v: train_step(v)) for v in variants}
     steps = interleaved(runs, args.rounds, args.inner, args.device)
 
     # Aggregation alone, on the stacked vectors of one meta-step.
@@ -179,8 +181,10 @@ def meta_steps(
     deltas = reptile_deltas(params, adapted) if algorithm != "reptile" else None
     alone = {
         "reference": lambda: variants["reference"].step(stacked),
-        "mean": lambda: variants["mean"].step(stacked, agreement_vectors=deltas),
-        "agreement": lambda: variants["agreement"].step(stacked, agreement_vectors=deltas),
+        "mean": lambda: variants["mean"].step(stacked, agreement_vectors=deltas, accumulate=False),
+        "agreement": lambda: variants["agreement"].step(
+            stacked, agreement_vectors=deltas, accumulate=False
+        ),
     }
     aggregation = interleaved(alone, args.rounds, args.inner, args.device)
     p_total = sum(p.numel() for p in params.values())
@@ -204,10 +208,10 @@ def large(args: Any) -> dict[str, float]:
     stack = TaskStack([flat])
     runs = {
         "copy": lambda: copy.copy_(flat),
-        "stacked mean": lambda: stacked_mean.step(stack),
-        "stacked agreement": lambda: stacked_agree.step(stack),
-        "list mean": lambda: list_mean.step(lists),
-        "list agreement": lambda: list_agree.step(lists),
+        "stacked mean": lambda: stacked_mean.step(stack, accumulate=False),
+        "stacked agreement": lambda: stacked_agree.step(stack, accumulate=False),
+        "list mean": lambda: list_mean.step(lists, accumulate=False),
+        "list agreement": lambda: list_agree.step(lists, accumulate=False),
     }
     out = interleaved(runs, args.rounds, 1, device)
     out["N"], out["P"] = n, p
@@ -262,19 +266,19 @@ def host_overhead(args: Any) -> dict[str, float]:
         for variant in VARIANTS:
             step = outer_step(variant, model)
             runs[f"{form} {variant}"] = lambda s=step, a=agreement: s.step(
-                stacked, agreement_vectors=a
+                stacked, agreement_vectors=a, accumulate=False
             )
     for form, list_agreement in (("list reptile", None), ("list maml", list_deltas)):
         for variant in VARIANTS:
             aggregator = list_step(variant, model)
             runs[f"{form} {variant}"] = lambda s=aggregator, a=list_agreement: s.step(
-                lists, agreement_vectors=a
+                lists, agreement_vectors=a, accumulate=False
             )
     for form, row_agreement in (("recorded reptile", None), ("recorded maml", row_deltas)):
         for variant in VARIANTS:
             recorded = list_step(variant, model, PlainRowsMean)
             runs[f"{form} {variant}"] = lambda s=recorded, a=row_agreement: s.step(
-                rows, agreement_vectors=a
+                rows, agreement_vectors=a, accumulate=False
             )
     return interleaved(runs, args.rounds, 20, device)
 
@@ -310,17 +314,26 @@ def launches(args: Any) -> dict[str, int]:
             for form, agreement in (("reptile", None), ("maml", deltas)):
                 step: Any = outer_step(variant, model)
                 counts[f"{form} {variant} {n}"] = _count(
-                    lambda s=step, v=stacked, a=agreement: s.step(v, agreement_vectors=a), device
+                    lambda s=step, v=stacked, a=agreement: s.step(
+                        v, agreement_vectors=a, accumulate=False
+                    ),
+                    device,
                 )
             for form, list_agreement in (("list reptile", None), ("list maml", list_deltas)):
                 step = list_step(variant, big)
                 counts[f"{form} {variant} {n}"] = _count(
-                    lambda s=step, v=lists, a=list_agreement: s.step(v, agreement_vectors=a), device
+                    lambda s=step, v=lists, a=list_agreement: s.step(
+                        v, agreement_vectors=a, accumulate=False
+                    ),
+                    device,
                 )
             for form, row_agreement in (("recorded reptile", None), ("recorded maml", row_deltas)):
                 step = list_step(variant, big, PlainRowsMean)
                 counts[f"{form} {variant} {n}"] = _count(
-                    lambda s=step, v=rows, a=row_agreement: s.step(v, agreement_vectors=a), device
+                    lambda s=step, v=rows, a=row_agreement: s.step(
+                        v, agreement_vectors=a, accumulate=False
+                    ),
+                    device,
                 )
     return counts
 

@@ -92,6 +92,7 @@ def step_ops(form: str, weighting: Weighting, n: int) -> tuple[Counter[str], Cou
         prepare()
         reptile.step()
         prepare()
+        model.zero_grad()  # the loop's zero_grad() (dispatches nothing): step() adds to .grad
         return count(reptile.step), record
     if form.startswith("AgreementMAML"):
         maml = l2l.algorithms.MAML(model, lr=0.4)
@@ -111,6 +112,7 @@ def step_ops(form: str, weighting: Weighting, n: int) -> tuple[Counter[str], Cou
         record_all()
         agree.step()
         record_all()
+        model.zero_grad()
         return count(agree.step), record
     maml_form = form.endswith("MAML form")
     if form.startswith("lists"):
@@ -118,6 +120,7 @@ def step_ops(form: str, weighting: Weighting, n: int) -> tuple[Counter[str], Cou
         tasks = [perturbed(model, gen) for _ in range(n)]
         deltas = [perturbed(model, gen) for _ in range(n)] if maml_form else None
         aggregator.step(tasks, agreement_vectors=deltas)
+        model.zero_grad()
         return count(lambda: aggregator.step(tasks, agreement_vectors=deltas)), record
     func = FuncAgreement(model, None, weighting=weighting)
     names = [name for name, _ in model.named_parameters()]
@@ -126,6 +129,7 @@ def step_ops(form: str, weighting: Weighting, n: int) -> tuple[Counter[str], Cou
     }
     stacked_deltas = {k: 0.5 * v for k, v in stacked.items()} if maml_form else None
     func.step(stacked, agreement_vectors=stacked_deltas)
+    model.zero_grad()
     return count(lambda: func.step(stacked, agreement_vectors=stacked_deltas)), record
 
 

@@ -113,6 +113,7 @@ def prepare(
             learners.append(learner)
 
         def run_reptile() -> Any:
+            model.zero_grad()  # the loop's zero_grad(): this version adds to .grad
             for learner in learners:
                 agree.record(learner)
             return agree.step()
@@ -133,6 +134,7 @@ def prepare(
             learners.append(learner)
 
         def run_maml() -> Any:
+            model.zero_grad()
             for learner in learners:  # the query forward is timed too (the same for both)
                 agree.backward(nn.functional.cross_entropy(learner(x), y), learner)
             return agree.step()
@@ -142,14 +144,14 @@ def prepare(
     if form.startswith("lists"):
         aggregator = lib.GradientAgreementAggregator(params, weighting=chosen)
         tasks, deltas = vectors(), vectors() if maml_form else None
-        return lambda: aggregator.step(tasks, agreement_vectors=deltas)
+        return lambda: (model.zero_grad(), aggregator.step(tasks, agreement_vectors=deltas))
     func = importlib.import_module(f"{lib.__name__}.adapters.func")
     agree = func.FuncAgreement(model, None, weighting=chosen)
     stacked = {
         k: torch.randn(n, *p.shape, generator=gen) * 0.01 for k, p in model.named_parameters()
     }
     deltas_d = {k: 0.5 * v for k, v in stacked.items()} if maml_form else None
-    return lambda: agree.step(stacked, agreement_vectors=deltas_d)
+    return lambda: (model.zero_grad(), agree.step(stacked, agreement_vectors=deltas_d))
 
 
 def interleaved(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:

@@ -124,6 +124,7 @@ def main() -> None:
         except ImportError:
             pass
     for iteration in range(args.iterations):
+        opt.zero_grad()
         meta_loss = torch.zeros((), device=device)
         for index in mine:  # this rank's tasks
             seed = args.seed * 10**7 + iteration * args.meta_batch + index

@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
             query_loss = lossfn(learner(x_query), y_query)
             agree.backward(query_loss, learner)  # this task's meta-gradient and θ − θ_i
             meta_train_loss += query_loss.item()
+        opt.zero_grad()
         agree.step()  # θ ← θ − β Σ w_i ∇L_i(θ_i), w_i from the deltas θ − θ_i
         bar.set_postfix(meta_train_loss=f"{meta_train_loss / args.tasks_per_batch:.3f}")
     after = meta_test_loss(maml, test_tasks, args.adapt_steps)

@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         tasks = (t.to(device) for t in sine_tasks(args.tasks_per_batch, args.shots, gen))
         params = {name: p.detach() for name, p in model.named_parameters()}
         meta_grads, (losses, adapted) = meta_gradient(params, *tasks)  # {name: [N, ...]}
+        opt.zero_grad()
         agree.step(meta_grads, agreement_vectors=reptile_deltas(params, adapted))
         if iteration % 20 == 0:  # reading the loss waits for the device: not every step
             bar.set_postfix(meta_train_loss=f"{losses.mean().item():.3f}")

@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     before = meta_test_loss(model, test_tasks, args.inner_steps, args.inner_lr)
     bar = tqdm(range(args.iterations), desc=args.weighting)
     for _iteration in bar:
+        opt.zero_grad()
         meta_train_loss = 0.0
         for _task in range(args.tasks_per_batch):
             x, y, _, _ = sine_task(args.shots, gen)  # Reptile trains on the support set

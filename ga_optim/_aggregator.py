@@ -14,7 +14,7 @@ by a power of two.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -27,10 +27,18 @@ from ._matrix import Layout, Rows, accumulation_dtype, locate_non_finite, pack
 from ._statistics import cosines, scaled, statistic
 from ._weightings import Agreement, Weighting
 
-__all__ = ["AgreementDiagnostics", "GradientAgreementAggregator", "NonFinitePolicy", "weights_of"]
+__all__ = [
+    "AgreementDiagnostics",
+    "GradientAgreementAggregator",
+    "NonFinitePolicy",
+    "Reduction",
+    "weights_of",
+]
 
 #: What a call does with NaN/Inf values: raise (default) or let them reach ``.grad``.
 NonFinitePolicy = Literal["raise", "propagate"]
+#: How the tasks' weighted vectors make the update: their weighted mean or N times it.
+Reduction = Literal["mean", "sum"]
 _Mode = Literal["weights", "aggregate", "step"]
 
 
@@ -82,11 +90,27 @@ class GradientAgreementAggregator:
     :math:`v_i = \theta - \theta_i` this is exactly line 10. :class:`~ga_optim.Mean` gives
     plain batched Reptile / MAML.
 
+    ``.grad`` follows torch's conventions, so that the loop equals the one it replaces: the
+    update is *added* to the ``.grad`` already there (a penalty or auxiliary loss the loop
+    back-propagated itself is kept; call ``optimizer.zero_grad()`` each iteration, as the
+    stock loop does), a parameter with ``requires_grad=False`` is never written, and a
+    parameter that no task reached (``None`` in every task's list) keeps its ``.grad``
+    (``None`` after ``zero_grad()``, so the optimizer skips it, weight decay included).
+
     Args:
-        params: the meta-parameters θ (e.g. ``model.parameters()``), leaf tensors.
-        optimizer: the outer optimizer; every parameter must be in one of its groups. With
-            ``None``, :meth:`step` writes ``.grad`` and leaves the stepping to the caller.
+        params: the meta-parameters θ (e.g. ``model.parameters()``), leaf tensors. Frozen
+            ones (``requires_grad=False``) may be among them: their ``.grad`` is never
+            written.
+        optimizer: the outer optimizer; every parameter that requires grad must be in one
+            of its groups. With ``None``, :meth:`step` writes ``.grad`` and leaves the
+            stepping to the caller.
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
+        reduction: ``"mean"`` (default): the update is :math:`\sum_i w_i v_i`; with
+            :class:`~ga_optim.Mean` the tasks' average, as in a loop that averages its
+            tasks' losses. ``"sum"``: :math:`N \sum_i w_i v_i` (N the tasks of the
+            meta-batch, over every rank); with :class:`~ga_optim.Mean` the tasks' sum, as in
+            a loop that sums them (higher's and torch.func's MAML examples). The weights
+            returned and recorded stay normalised.
         track_cosines: record each task's cosine with the mean update in
             :attr:`last_diagnostics` (one more pass over the vectors).
         non_finite: ``"raise"`` (default): NaN/Inf in the vectors raise
@@ -152,6 +176,7 @@ class GradientAgreementAggregator:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         weighting: Weighting | None = None,
+        reduction: Reduction = "mean",
         track_cosines: bool = False,
         non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
@@ -165,7 +190,7 @@ class GradientAgreementAggregator:
                 )
             managed = {id(t) for group in optimizer.param_groups for t in group["params"]}
             for p, param in enumerate(self.params):
-                if id(param) not in managed:
+                if param.requires_grad and id(param) not in managed:
                     raise ValueError(
                         f"`params[{p}]` (shape {tuple(param.shape)}) is in no param group of "
                         "`optimizer`: step() would write its .grad but never update it."
@@ -177,6 +202,8 @@ class GradientAgreementAggregator:
                 "`weighting` should be a ga_optim.Weighting (e.g. Agreement() or Mean()). "
                 f"Found `{type(weighting).__name__}`."
             )
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"`reduction` should be 'mean' or 'sum'. Found {reduction!r}.")
         if non_finite not in ("raise", "propagate"):
             raise ValueError(
                 f"`non_finite` should be 'raise' or 'propagate'. Found {non_finite!r}."
@@ -191,6 +218,7 @@ class GradientAgreementAggregator:
         self.process_group = process_group
         self.optimizer = optimizer
         self.weighting = weighting
+        self.reduction: Reduction = reduction
         self.track_cosines = bool(track_cosines)
         self.non_finite: NonFinitePolicy = non_finite
         self.num_steps = 0
@@ -216,7 +244,11 @@ class GradientAgreementAggregator:
     # -- the boundary: validate this rank's input, agree with every rank -----------------
 
     def _prepare(
-        self, task_vectors: object, agreement_vectors: object, gramian: Tensor | None
+        self,
+        task_vectors: object,
+        agreement_vectors: object,
+        gramian: Tensor | None,
+        reached: object = None,
     ) -> _Call:
         """Validate this rank's input; in a process group, agree with every rank (one small
         all-reduce) so that bad input anywhere raises everywhere, before any arithmetic."""
@@ -242,16 +274,22 @@ class GradientAgreementAggregator:
                         f"`task_vectors` holds {tasks.num_tasks}. Both must describe the "
                         "same meta-batch."
                     )
+            hit = _reached(reached, tasks.dtypes)
         except (TypeError, ValueError) as found:
             if not self.distributed:
                 raise
             error = found
         if not self.distributed:
-            return _Call(tasks, measured, (tasks.num_tasks,), 0)
-        signature = [0] * (2 + 2 * len(self.params))
+            return _Call(tasks, measured, (tasks.num_tasks,), 0, hit)
+        signature = [0] * (2 + 3 * len(self.params))
         if error is None:
             dtypes = tasks.dtypes + measured.dtypes
-            signature = [tasks.num_tasks, agreement_vectors is not None, *map(dtype_code, dtypes)]
+            signature = [
+                tasks.num_tasks,
+                agreement_vectors is not None,
+                *map(dtype_code, dtypes),
+                *map(int, hit),
+            ]
         rows = self._collective.agree(error, signature)
         # Every rank's signature → the global view (the same on every rank, so any error
         # raised here is raised everywhere).
@@ -283,7 +321,9 @@ class GradientAgreementAggregator:
             merged.append(code_dtype(max(codes.values(), default=0)))
         same, tasks = measured is tasks, replace(tasks, dtypes=tuple(merged[:n_params]))
         measured = tasks if same else replace(measured, dtypes=tuple(merged[n_params:]))
-        return _Call(tasks, measured, counts, sum(counts[: self._collective.rank]))
+        start = 2 + 2 * n_params  # any rank's task reached the parameter
+        hit = tuple(any(row[start + p] for row in rows) for p in range(n_params))
+        return _Call(tasks, measured, counts, sum(counts[: self._collective.rank]), hit)
 
     # -- one computation: pack, statistic, weights, update, one flag ---------------------
 
@@ -409,6 +449,8 @@ class GradientAgreementAggregator:
             local = local.to(matrix.dtype)
         update = torch.mv(matrix.T, local, out=self._buffer(matrix.dtype)[0])
         self._collective.sum_(update)
+        if self.reduction == "sum":
+            update.mul_(sum(call.counts))
         return update
 
     def _buffer(self, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
@@ -435,7 +477,10 @@ class GradientAgreementAggregator:
         collective = self._collective
         found = cosines(measured, collective, call.counts) if self.track_cosines else None
         return _Result(
-            weights, outputs, AgreementDiagnostics(weights, found, collective.bytes_sent)
+            weights,
+            outputs,
+            AgreementDiagnostics(weights, found, collective.bytes_sent),
+            call.reached,
         )
 
     # -- the three levels: weights, aggregate, step -------------------------------------
@@ -456,11 +501,17 @@ class GradientAgreementAggregator:
         return self._call(task_vectors, None, None, "weights").weights
 
     def _call(
-        self, task_vectors: object, agreement_vectors: object, gramian: Tensor | None, mode: _Mode
+        self,
+        task_vectors: object,
+        agreement_vectors: object,
+        gramian: Tensor | None,
+        mode: _Mode,
+        reached: object = None,
     ) -> _Result:
         self._collective.reset_bytes()
         with torch.no_grad():
-            return self._run(self._prepare(task_vectors, agreement_vectors, gramian), gramian, mode)
+            call = self._prepare(task_vectors, agreement_vectors, gramian, reached)
+            return self._run(call, gramian, mode)
 
     def aggregate(
         self,
@@ -494,14 +545,18 @@ class GradientAgreementAggregator:
         *,
         agreement_vectors: object = None,
         gramian: Tensor | None = None,
-        accumulate: bool = False,
+        accumulate: bool = True,
+        reached: Sequence[bool] | None = None,
     ) -> Tensor:
-        r"""Write :math:`\sum_i w_i v_i` into each parameter's ``.grad`` and step the optimizer.
+        r"""Add :math:`\sum_i w_i v_i` to each parameter's ``.grad`` and step the optimizer.
 
-        Everything is validated before anything is written; if ``optimizer.step()`` itself
-        raises, the previous ``.grad`` tensors are restored. With ``optimizer=None`` only
-        ``.grad`` is written, so the caller's own step follows unchanged
-        (``clip_grad_norm_``, ``scaler.step(opt)``, ``opt.step()``).
+        As ``loss.backward()`` would: the update is added to the ``.grad`` already there
+        (``None`` counts as zeros), a parameter with ``requires_grad=False`` is never
+        written, and one that no task reached keeps its ``.grad``. Everything is validated
+        before anything is written; if ``optimizer.step()`` itself raises, the previous
+        ``.grad`` tensors are restored. With ``optimizer=None`` only ``.grad`` is written,
+        so the caller's own step follows unchanged (``clip_grad_norm_``,
+        ``scaler.step(opt)``, ``opt.step()``).
 
         The ``.grad`` tensors are views of one flat buffer (as DDP's
         ``gradient_as_bucket_view``); two buffers alternate from step to step, so keep a
@@ -509,27 +564,38 @@ class GradientAgreementAggregator:
 
         Args:
             task_vectors, agreement_vectors, gramian: as in :meth:`aggregate`.
-            accumulate: ``False`` (default): ``.grad`` is replaced by the update.
-                ``True``: the update is added to the ``.grad`` already there (``None``
-                counts as zeros), as ``loss.backward()`` does, for a loop that accumulates
-                several meta-batches before stepping.
+            accumulate: ``True`` (default): add the update to ``.grad``, as ``backward()``
+                does (call ``optimizer.zero_grad()`` once per iteration, as the stock loop
+                does; several meta-batches before one step accumulate). ``False``: replace
+                ``.grad`` by the update, dropping whatever the loop put there (a parameter
+                no task reached gets ``None``).
+            reached: which parameters the tasks reached, one bool per parameter; a
+                parameter marked ``False`` is not written (as autograd leaves a parameter
+                that no loss reached). Default: those that some task gives a tensor for (a
+                stacked tensor or ``TaskStack`` reaches every parameter). In a process
+                group, a parameter any rank's task reached counts as reached.
 
         Returns:
             The weights ``[N]``.
         """
         if not isinstance(accumulate, bool):
             raise TypeError(f"`accumulate` should be a bool. Found `{accumulate!r}`.")
-        result = self._call(task_vectors, agreement_vectors, gramian, "step")
+        result = self._call(task_vectors, agreement_vectors, gramian, "step", reached)
         grads = result.outputs
         assert grads is not None
         previous = [param.grad for param in self.params]
+        written = [hit and param.requires_grad for hit, param in zip(result.reached, self.params)]
         if accumulate:
-            pairs = [(g, old) for g, old in zip(grads, previous) if old is not None]
+            kept = zip(grads, previous, written)
+            pairs = [(g, old) for g, old, write in kept if write and old is not None]
             if pairs:
                 with torch.no_grad():
                     torch._foreach_add_([g for g, _ in pairs], [old for _, old in pairs])
-        for param, grad in zip(self.params, grads):
-            param.grad = grad
+        for param, grad, write in zip(self.params, grads, written):
+            if write:
+                param.grad = grad
+            elif not accumulate and param.requires_grad:
+                param.grad = None
         if self.optimizer is not None:
             try:
                 self.optimizer.step()
@@ -584,6 +650,7 @@ class _Call:
     measured: Tasks
     counts: tuple[int, ...]
     first: int
+    reached: tuple[bool, ...]
 
 
 @dataclass(frozen=True)
@@ -591,6 +658,24 @@ class _Result:
     weights: Tensor
     outputs: list[Tensor] | None
     diagnostics: AgreementDiagnostics
+    reached: tuple[bool, ...]
+
+
+def _reached(reached: object, dtypes: tuple[torch.dtype | None, ...]) -> tuple[bool, ...]:
+    """Which parameters this rank's tasks reached: given (one bool per parameter), and a
+    parameter no task gives a tensor for (its dtype ``None``) is never reached."""
+    if reached is None:
+        return tuple(dtype is not None for dtype in dtypes)
+    if isinstance(reached, (str, bytes, Tensor)) or not isinstance(reached, Sequence):
+        raise TypeError(
+            f"`reached` should be a sequence of bools, one per parameter. Found "
+            f"`{type(reached).__name__}`."
+        )
+    if len(reached) != len(dtypes) or not all(isinstance(r, bool) for r in reached):
+        raise ValueError(
+            f"`reached` should hold {len(dtypes)} bools, one per parameter. Found {reached!r}."
+        )
+    return tuple(r and dtype is not None for r, dtype in zip(reached, dtypes))
 
 
 def weights_of(weighting: Weighting, task_vectors: object) -> Tensor:

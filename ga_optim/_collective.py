@@ -6,9 +6,9 @@ identity (:class:`Collective`); with a ``torch.distributed`` process group
 result equal to one process over all tasks concatenated in rank order. What each weighting
 needs to see decides what is sent (see :class:`~ga_optim.Weighting`):
 
-* every step: one small all-reduce of ``int64`` [world, 2 + 2·params] (each rank's error
-  code, task count and dtypes), so that bad input on any rank raises on every rank before
-  anything is written or reduced;
+* every step: one small all-reduce of ``int64`` [world, 3 + 3·params] (each rank's error
+  code, task count, form, dtypes and which parameters its tasks reached), so that bad
+  input on any rank raises on every rank before anything is written or reduced;
 * ``"count"`` (:class:`~ga_optim.Mean`): the update, one P-sized all-reduce, like DDP;
 * ``"scores"`` (:class:`~ga_optim.Agreement`): the task sum (P floats), the N scores, the
   update (P floats);

@@ -162,18 +162,87 @@ def test_optimizer_none_writes_grad_only() -> None:
         torch.testing.assert_close(param.grad, e)
 
 
-def test_untouched_parameter_gets_zero_grad_and_none_counts_as_zero() -> None:
+def test_a_parameter_no_task_reached_keeps_its_grad_and_none_counts_as_zero() -> None:
+    """As autograd: a parameter no task reached keeps ``.grad`` (None: optimizers, weight
+    decay included, skip it); a task's None counts as zeros in the weights."""
     a = torch.zeros(2, requires_grad=True, dtype=torch.float64)
     b = torch.zeros(3, requires_grad=True, dtype=torch.float64)
-    aggregator = GradientAgreementAggregator([a, b])
+    aggregator = GradientAgreementAggregator([a, b], torch.optim.AdamW([a, b], weight_decay=0.5))
     g1, g2 = (
         torch.tensor([1.0, 2.0], dtype=torch.float64),
         torch.tensor([3.0, 0.0], dtype=torch.float64),
     )
     aggregator.step([[g1, None], [g2, None]])
+    assert b.grad is None and torch.equal(b.detach(), torch.zeros(3, dtype=torch.float64))
+    assert not torch.equal(a.detach(), torch.zeros(2, dtype=torch.float64))
+    aggregator.optimizer.zero_grad()
+    b.grad = torch.full((3,), 7.0, dtype=torch.float64)  # the loop's own gradient: kept
+    plain = GradientAgreementAggregator([a, b])
+    plain.step([[g1, None], [g2, None]])
     # s = (4, 2): r = (8, 12) → w = (0.4, 0.6)
     torch.testing.assert_close(a.grad, 0.4 * g1 + 0.6 * g2)
-    assert b.grad is not None and torch.equal(b.grad, torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(b.grad, torch.full((3,), 7.0, dtype=torch.float64))
+    plain.step([[g1, None], [g2, None]], accumulate=False)  # replace: unreached is None
+    torch.testing.assert_close(a.grad, 0.4 * g1 + 0.6 * g2)
+    assert b.grad is None
+
+
+def test_frozen_parameters_are_never_written_nor_need_an_optimizer_group() -> None:
+    """A parameter with requires_grad=False keeps .grad None: AdamW's decay never moves it."""
+    torch.manual_seed(0)
+    frozen = torch.nn.Parameter(torch.randn(4, dtype=torch.float64), requires_grad=False)
+    live = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    before = frozen.detach().clone()
+    for held in ([frozen, live], [live]):
+        live.grad = None
+        opt = torch.optim.AdamW(held, lr=0.1, weight_decay=0.1)
+        aggregator = GradientAgreementAggregator([frozen, live], opt)
+        vectors = torch.randn(3, 7, dtype=torch.float64)
+        aggregator.step(vectors)
+        assert frozen.grad is None and torch.equal(frozen.detach(), before)
+        torch.testing.assert_close(live.grad, agreement_update(vectors)[4:])
+    with pytest.raises(ValueError, match=r"`params\[1\]` \(shape \(3,\)\) is in no param group"):
+        GradientAgreementAggregator([frozen, live], torch.optim.SGD([frozen], lr=0.1))
+
+
+def agreement_update(vectors: torch.Tensor) -> torch.Tensor:
+    """Σ w_i v_i with the paper's weights, in float64 by hand."""
+    w = reference_agreement_weights(vectors.double())
+    return (w[:, None] * vectors.double()).sum(0)
+
+
+def test_sum_reduction_scales_the_update_by_n_and_keeps_the_weights() -> None:
+    torch.manual_seed(1)
+    vectors = torch.randn(5, 6, dtype=torch.float64)
+    for weighting in (Mean(), Agreement()):
+        param = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+        mean = GradientAgreementAggregator([param], weighting=weighting)
+        total = GradientAgreementAggregator([param], weighting=weighting, reduction="sum")
+        w_mean = mean.step(vectors, accumulate=False)
+        update = param.grad.clone()
+        w_sum = total.step(vectors, accumulate=False)
+        torch.testing.assert_close(w_sum, w_mean, rtol=0, atol=0)
+        torch.testing.assert_close(param.grad, 5 * update, rtol=1e-15, atol=1e-15)
+    param = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    GradientAgreementAggregator([param], weighting=Mean(), reduction="sum").step(vectors)
+    torch.testing.assert_close(param.grad, vectors.sum(0), rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match=r"`reduction` should be 'mean' or 'sum'\. Found 'avg'"):
+        GradientAgreementAggregator([param], reduction="avg")  # type: ignore[arg-type]
+
+
+def test_reached_marks_parameters_and_is_checked() -> None:
+    a = torch.zeros(2, requires_grad=True, dtype=torch.float64)
+    b = torch.zeros(3, requires_grad=True, dtype=torch.float64)
+    aggregator = GradientAgreementAggregator([a, b], weighting=Mean())
+    vectors = torch.ones(2, 5, dtype=torch.float64)
+    aggregator.step(vectors, reached=[True, False])
+    torch.testing.assert_close(a.grad, torch.ones(2, dtype=torch.float64))
+    assert b.grad is None
+    with pytest.raises(ValueError, match=r"`reached` should hold 2 bools, one per parameter"):
+        aggregator.step(vectors, reached=[True])
+    with pytest.raises(TypeError, match=r"`reached` should be a sequence of bools"):
+        aggregator.step(vectors, reached=True)  # type: ignore[arg-type]
+    assert b.grad is None and torch.equal(a.grad, torch.ones(2, dtype=torch.float64))
 
 
 def test_half_precision_vectors_into_float32_parameters() -> None:
@@ -331,6 +400,7 @@ def _train(aggregator: GradientAgreementAggregator, model: torch.nn.Module, step
             ]
             for _ in range(4)
         ]
+        model.zero_grad()  # as every training loop does: step() adds to .grad
         aggregator.step(deltas)
 
 

@@ -73,10 +73,11 @@ def test_distributed_benchmark_quick() -> None:
         times = [float(cell) for cell in row[2:7]]
         assert all(math.isfinite(x) and x > 0 for x in times)
         mean_bytes, agreement_bytes = int(row[7]), int(row[8])
-        # Mean: one all-reduce of P fp32 values plus the [2 ranks × 11] int64 validation
-        # table; Agreement: two P-sized all-reduces, 16 scores, the same table.
-        assert mean_bytes == 4 * p + 176
-        assert agreement_bytes == 8 * p + 16 * 4 + 176
+        # Mean: one all-reduce of P fp32 values plus the [2 ranks × 15] int64 validation
+        # table (error, count, form, 4 dtypes of each argument, 4 reached flags);
+        # Agreement: two P-sized all-reduces, 16 scores, the same table.
+        assert mean_bytes == 4 * p + 240
+        assert agreement_bytes == 8 * p + 16 * 4 + 240
 
 
 def test_gpu_benchmark_quick() -> None:

@@ -94,7 +94,7 @@ def test_what_crosses_the_wire(world_results: tuple[int, list[Any]]) -> None:
     P-sized sum and 2 N floats.) A world of one still runs its collectives."""
     world, results = world_results
     p8 = 8 * sum(torch.Size(s).numel() for s in cases.SHAPES)  # P float64s
-    control = 8 * world * (3 + 2 * len(cases.SHAPES))  # the int64 validation table
+    control = 8 * world * (3 + 3 * len(cases.SHAPES))  # the int64 validation table
     for split, counts in cases.SPLITS[world].items():
         n8 = 8 * max(counts)  # gathers pad every rank's block to the largest
         cosines = 8 + p8 + 2 * n8

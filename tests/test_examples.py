@@ -30,9 +30,10 @@ from ._optional import require
 README = EXAMPLES.parent / "README.md"
 LIBRARIES = {
     "maml_learn2learn.py": ("learn2learn", "bash scripts/install_learn2learn.sh"),
+    "anil.py": ("learn2learn", "bash scripts/install_learn2learn.sh"),
     "maml_higher.py": ("higher", "pip install higher==0.2.1"),
 }
-COPYABLE = ["maml_learn2learn.py", "reptile.py", "maml_higher.py", "maml_vmap.py"]
+COPYABLE = ["maml_learn2learn.py", "reptile.py", "maml_higher.py", "maml_vmap.py", "anil.py"]
 
 
 def _needs(name: str) -> None:
@@ -95,6 +96,47 @@ def _parameters(result: dict[str, Any]) -> list[torch.Tensor]:
 def _assert_parameters_equal(a: dict[str, Any], b: dict[str, Any], atol: float) -> None:
     for x, y in zip(_parameters(a), _parameters(b), strict=True):
         torch.testing.assert_close(x, y, rtol=0.0, atol=atol)
+
+
+#: The ANIL example's edits, undone: the stock loop of learn2learn's anil_fc100.py shape.
+ANIL_EDITS = [
+    ("from ga_optim import Agreement, Mean, NonNegativeAgreement\n", ""),
+    ("from ga_optim.adapters.learn2learn import AgreementMAML\n", ""),
+    (
+        'WEIGHTINGS = {"mean": Mean, "agreement": Agreement, "nonnegative": NonNegativeAgreement}',
+        "",
+    ),
+    ("    agree = AgreementMAML(head, opt, weighting=WEIGHTINGS[args.weighting]())\n", ""),
+    ("agree.backward(query_loss, learner)", "query_loss.backward()"),
+    (
+        "        agree.step()",
+        "        for p in all_parameters:\n"
+        "            p.grad.mul_(1.0 / args.tasks_per_batch)\n"
+        "        opt.step()\n"
+        "        pass",
+    ),
+]
+
+
+def test_anil_example_with_mean_equals_the_stock_anil_loop(tmp_path: Path) -> None:
+    """The ANIL example with the four edits undone (the features outside the wrapped head
+    train in both), against the example with ``--weighting mean``."""
+    _needs("anil.py")
+    text = (EXAMPLES / "anil.py").read_text()
+    for old, new in ANIL_EDITS:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    assert "ga_optim" not in text.split('"""', 2)[2].replace("python anil.py", "")
+    stock_path = tmp_path / "stock_anil.py"
+    stock_path.write_text(text.replace("WEIGHTINGS[args.weighting]", "None"))
+    argv = ["--weighting", "mean", "--iterations", "6", "--tasks-per-batch", "4"]
+    wrapped = load_script(EXAMPLES / "anil.py").main(argv)
+    stock = load_script(stock_path).main(argv)
+    _assert_parameters_equal(wrapped, stock, atol=1e-6)
+    features = list(wrapped["model"][0].parameters())
+    torch.manual_seed(0)  # the features moved from their initialisation
+    initial = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU())
+    assert not torch.equal(features[0].detach(), next(initial.parameters()).detach())
 
 
 def test_stock_from_diff_undoes_a_diff() -> None:

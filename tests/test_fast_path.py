@@ -76,6 +76,8 @@ def test_a_flat_tensor_is_read_as_stacked_columns_too() -> None:
         flat = torch.randn(n, 17, generator=torch.Generator().manual_seed(n)) + 0.5
         aggregator = GradientAgreementAggregator(params)
         aggregator.step(flat)
+        for param in params:
+            param.grad = None  # zero_grad(): the step writes .grad afresh
         with CountOps() as counter:
             weights = aggregator.step(flat)
         counts.append(counter.ops)

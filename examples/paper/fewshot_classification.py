@@ -256,6 +256,7 @@ def train(
         mask = corruption.draw(cfg.meta_batch)
         ys, yq = corrupt_labels((ys, yq), mask, cfg.ways, corruption.noise)
         on_device = tuple(t.to(cfg.device) for t in (xs, ys, xq, yq))
+        outer.zero_grad()  # the adapter adds to .grad, as backward() does
         return meta_step(model, agreement, cfg, on_device, measures_meta_gradients(weighting))
 
     desc = f"{cfg.algorithm} {cfg.shots}-shot {weighting} seed {seed}"

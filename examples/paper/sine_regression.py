@@ -242,6 +242,7 @@ def train(
     )
 
     def step() -> Tensor:
+        outer.zero_grad()  # the aggregator adds to .grad, as backward() does
         if cfg.algorithm == "reptile":
             return reptile_step(theta, aggregator, cfg, gen, corruption)
         return maml_step(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._aggregator import GradientAgreementAggregator, NonFinitePolicy
+from .._aggregator import GradientAgreementAggregator, NonFinitePolicy, Reduction
 from .._checks import TaskStack, stacked_shape_message
 from .._weightings import Weighting
 from ._wraps import WrapsAggregator
@@ -82,6 +82,9 @@ class FuncAgreement(WrapsAggregator):
         optimizer: the outer optimizer over ``model.parameters()`` (or ``None`` to only
             write ``.grad``).
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
+        reduction: ``"mean"`` (default) or ``"sum"``: with :class:`~ga_optim.Mean`, the
+            tasks' average or their sum, as the loop it replaces averages or sums the
+            tasks' losses (see :class:`~ga_optim.GradientAgreementAggregator`).
         track_cosines: record each task's cosine with the mean agreement vector in
             :attr:`last_diagnostics` (one more pass over the vectors).
         non_finite: ``"raise"`` (default) or ``"propagate"``: let NaN/Inf meta-gradients
@@ -99,6 +102,7 @@ class FuncAgreement(WrapsAggregator):
         optimizer: torch.optim.Optimizer | None = None,
         *,
         weighting: Weighting | None = None,
+        reduction: Reduction = "mean",
         track_cosines: bool = False,
         non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
@@ -111,6 +115,7 @@ class FuncAgreement(WrapsAggregator):
             [p for _, p in named],
             optimizer,
             weighting=weighting,
+            reduction=reduction,
             track_cosines=track_cosines,
             non_finite=non_finite,
             process_group=process_group,
@@ -144,10 +149,12 @@ class FuncAgreement(WrapsAggregator):
         task_vectors: Stacked,
         *,
         agreement_vectors: Stacked | None = None,
-        accumulate: bool = False,
+        accumulate: bool = True,
     ) -> Tensor:
-        """Write Σ_i w_i v_i into ``.grad`` and step (if an optimizer was given); return the
-        weights. ``accumulate=True`` adds to the ``.grad`` already there.
+        """Add Σ_i w_i v_i to ``.grad`` and step (if an optimizer was given); return the
+        weights. As ``backward()``: added to the ``.grad`` already there (call
+        ``opt.zero_grad()`` once per iteration), a frozen parameter never written;
+        ``accumulate=False`` replaces ``.grad`` instead.
 
         Reptile: ``step(reptile_deltas(params, adapted))``. MAML (Algorithm 1, lines 7–9):
         ``step(meta_grads, agreement_vectors=reptile_deltas(params, adapted))``.

@@ -18,12 +18,13 @@ detached from θ and the gradient with respect to the fast weights is used inste
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._aggregator import NonFinitePolicy
+from .._aggregator import NonFinitePolicy, Reduction
 from .._weightings import Weighting
 from ._recorder import AgreementOn, MetaGradientRecorder
 
@@ -48,8 +49,17 @@ class AgreementHigher(MetaGradientRecorder):
         optimizer: the outer optimizer over ``model.parameters()``, or ``None``:
             :meth:`step` then only writes ``.grad`` and the loop steps itself (gradient
             clipping, ``scaler.step(opt)`` under a ``torch.amp.GradScaler``).
+        params: the outer parameters, when the loop steps them itself
+            (``optimizer=None``) and they are more than the wrapped model's (ANIL's
+            features outside the MAML-wrapped head); default: every parameter
+            ``optimizer`` holds, or without one the wrapped model's. Each task's
+            meta-gradient covers all of them.
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
-        agreement_on: ``"deltas"`` (the paper) or ``"meta_gradients"``.
+        agreement_on: ``"deltas"`` (the paper: the adapted parameters' inner-loop deltas)
+            or ``"meta_gradients"`` (every outer parameter's meta-gradient).
+        reduction: ``"mean"`` (default) or ``"sum"``: with :class:`~ga_optim.Mean`, the
+            tasks' average or their sum, as the loop it replaces averages or sums the
+            tasks' losses (see :class:`~ga_optim.GradientAgreementAggregator`).
         track_cosines: record each task's cosine with the mean agreement vector in
             :attr:`last_diagnostics` (one more pass over the vectors).
         non_finite: ``"raise"`` (default) or ``"propagate"``: let NaN/Inf meta-gradients
@@ -65,8 +75,10 @@ class AgreementHigher(MetaGradientRecorder):
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
+        params: Iterable[Tensor] | None = None,
         weighting: Weighting | None = None,
         agreement_on: AgreementOn = "deltas",
+        reduction: Reduction = "mean",
         track_cosines: bool = False,
         non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
@@ -77,8 +89,10 @@ class AgreementHigher(MetaGradientRecorder):
         super().__init__(
             model.parameters(),
             optimizer,
+            params=params,
             weighting=weighting,
             agreement_on=agreement_on,
+            reduction=reduction,
             track_cosines=track_cosines,
             non_finite=non_finite,
             process_group=process_group,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._aggregator import GradientAgreementAggregator, NonFinitePolicy
+from .._aggregator import GradientAgreementAggregator, NonFinitePolicy, Reduction
 from .._matrix import Rows
 from .._weightings import Weighting
 from ._wraps import WrapsAggregator
@@ -41,6 +41,9 @@ class AgreementReptile(WrapsAggregator):
             :meth:`step` then only writes ``.grad`` and the loop steps itself (gradient
             clipping, ``scaler.step(opt)`` under a ``torch.amp.GradScaler``).
         weighting: a :class:`~ga_optim.Weighting`; default :class:`~ga_optim.Agreement`.
+        reduction: ``"mean"`` (default) or ``"sum"``: with :class:`~ga_optim.Mean`, the
+            tasks' average or their sum, as the loop it replaces averages or sums the
+            tasks' losses (see :class:`~ga_optim.GradientAgreementAggregator`).
         track_cosines: record each task's cosine with the mean task vector in
             :attr:`last_diagnostics` (one more pass over the vectors).
         non_finite: ``"raise"`` (default) or ``"propagate"``: let NaN/Inf meta-gradients
@@ -57,6 +60,7 @@ class AgreementReptile(WrapsAggregator):
         optimizer: torch.optim.Optimizer | None = None,
         *,
         weighting: Weighting | None = None,
+        reduction: Reduction = "mean",
         track_cosines: bool = False,
         non_finite: NonFinitePolicy = "raise",
         process_group: Any = None,
@@ -68,6 +72,7 @@ class AgreementReptile(WrapsAggregator):
             model.parameters(),
             optimizer,
             weighting=weighting,
+            reduction=reduction,
             track_cosines=track_cosines,
             non_finite=non_finite,
             process_group=process_group,
@@ -104,11 +109,13 @@ class AgreementReptile(WrapsAggregator):
         with torch.no_grad():
             self._deltas.append_difference(slow, fast)
 
-    def step(self, *, accumulate: bool = False) -> Tensor:
+    def step(self, *, accumulate: bool = True) -> Tensor:
         """Apply θ ← θ + α Σ w_i (θ_i − θ) through the outer optimizer; return the weights.
 
-        Without an optimizer it writes Σ w_i (θ − θ_i) into ``.grad`` and the caller steps;
-        ``accumulate=True`` adds to the ``.grad`` already there.
+        Σ w_i (θ − θ_i) is added to the ``.grad`` already there, as ``backward()`` adds
+        (call ``opt.zero_grad()`` once per iteration, where the stock Reptile loop resets
+        ``.grad``); a frozen parameter (``requires_grad=False``) is never written. Without
+        an optimizer the caller steps. ``accumulate=False`` replaces ``.grad`` instead.
 
         Clears the recorded learners. If it raises, nothing was written and they are kept.
         In a process group every rank calls it, a rank with no recorded learner too.

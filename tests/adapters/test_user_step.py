@@ -227,8 +227,8 @@ def test_accumulating_two_meta_batches_sums_their_updates(kind: str) -> None:
     run(second, _identity, accumulate=True)
     for p, a, b in zip(model.parameters(), *expected):
         torch.testing.assert_close(p.grad, a + b, rtol=1e-12, atol=1e-12)
-    # accumulate=False (the default) replaces: the last update alone.
-    run(first, _identity)
+    # accumulate=False replaces: the last update alone.
+    run(first, _identity, accumulate=False)
     for p, a in zip(model.parameters(), expected[0]):
         torch.testing.assert_close(p.grad, a, rtol=1e-12, atol=1e-12)
 

@@ -62,14 +62,32 @@ def _check_names(stacked: Stacked, names: Sequence[str], allow_empty: bool) -> N
 
 
 def reptile_deltas(params: Mapping[str, Tensor], adapted: Stacked) -> dict[str, Tensor]:
-    """The task vectors θ − θ_i, ``{name: [N, *shape]}``, from θ and the stacked θ_i."""
+    """The task vectors θ − θ_i, ``{name: [N, *shape]}``, from θ and the stacked θ_i.
+
+    A parameter the inner loop does not adapt (ANIL's feature extractor, a frozen layer)
+    may be left out of ``adapted``: its delta is zero, so agreement is measured on the
+    adapted parameters alone.
+    """
+    if not adapted:
+        raise ValueError("`adapted` should hold at least one adapted parameter. Found none.")
+    extra = sorted(set(adapted) - set(params))
+    if extra:
+        raise ValueError(f"`adapted` has entries {extra} that are not in `params`.")
+    first = next(iter(adapted))
+    n = adapted[first].shape[0] if adapted[first].dim() else 0
     deltas = {}
     for name, theta in params.items():
         if name not in adapted:
-            raise ValueError(f"`adapted` has no entry for the parameter {name!r}.")
+            deltas[name] = theta.new_zeros((n, *theta.shape))
+            continue
         fast = adapted[name]
         if fast.shape[1:] != theta.shape:
             raise ValueError(stacked_shape_message(f"`adapted[{name!r}]`", fast.shape, theta.shape))
+        if fast.shape[0] != n:
+            raise ValueError(
+                f"`adapted[{name!r}]` holds {fast.shape[0]} tasks along dimension 0; "
+                f"`adapted[{first!r}]` holds {n}. Every entry should hold the same tasks."
+            )
         deltas[name] = theta.detach().unsqueeze(0) - fast.detach()
     return deltas
 

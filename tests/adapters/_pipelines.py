@@ -524,3 +524,45 @@ class OnlyFirst(Weighting):
 def held_only(end: State) -> State:
     """What the optimizer holds, without the buffers (which see every task's forward)."""
     return {k: v for k, v in end.items() if k.startswith("group")}
+
+
+def run_func_anil(
+    wrapped: bool, weighting: Weighting | None = None, *, seed: int = 0, n_tasks: int = N_TASKS
+) -> tuple[State, Any]:
+    """ANIL in torch.func: one module ``features → head``; the vmapped inner loop adapts
+    the head's entries of the parameter dict alone and returns them, so ``adapted`` has no
+    entry for the features (their delta is zero). Stock: the mean of the per-task
+    meta-gradients into ``.grad``, Adam."""
+    from torch.func import functional_call, grad, vmap
+
+    from ga_optim.adapters.func import FuncAgreement, reptile_deltas
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    agree = FuncAgreement(net, opt, weighting=weighting or Mean()) if wrapped else None
+
+    def loss(params: State, x: Tensor, y: Tensor) -> Tensor:
+        return mse(functional_call(net, params, (x,)), y)
+
+    def loss_for_task(
+        params: State, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
+    ) -> tuple[Tensor, State]:
+        head = {k: v for k, v in params.items() if k.startswith("2.")}
+        for _ in range(2):
+            g = grad(lambda h: loss({**params, **h}, xs, ys))(head)
+            head = {k: head[k] - INNER_LR * g[k] for k in head}
+        return loss({**params, **head}, xq, yq), head
+
+    per_task = vmap(grad(loss_for_task, has_aux=True), in_dims=(None, 0, 0, 0, 0))
+    for tasks in batches(seed):
+        opt.zero_grad()
+        params = {k: v.detach() for k, v in net.named_parameters()}
+        meta_grads, adapted = per_task(params, *stacked(tasks[:n_tasks]))
+        if agree is not None:
+            agree.step(meta_grads, agreement_vectors=reptile_deltas(params, adapted))
+            continue
+        for name, p in net.named_parameters():
+            p.grad = meta_grads[name].mean(0)
+        opt.step()
+    return state(opt, net), agree

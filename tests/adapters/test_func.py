@@ -102,3 +102,21 @@ def test_func_errors() -> None:
     agree = FuncAgreement(model)
     with pytest.raises(TypeError, match=r"`task_vectors` should be a dict"):
         agree.step([torch.ones(2)])  # type: ignore[arg-type]
+
+
+def test_reptile_deltas_of_a_parameter_the_inner_loop_does_not_adapt_are_zero() -> None:
+    params = {"features": torch.ones(3), "head": torch.full((2,), 2.0)}
+    adapted = {"head": torch.tensor([[1.0, 1.5], [2.5, 2.0]])}
+    deltas = reptile_deltas(params, adapted)
+    assert torch.equal(deltas["features"], torch.zeros(2, 3))
+    assert torch.equal(deltas["head"], torch.tensor([[1.0, 0.5], [-0.5, 0.0]]))
+    with pytest.raises(ValueError, match=r"`adapted` has entries \['other'\] that are not in"):
+        reptile_deltas(params, {**adapted, "other": torch.ones(2, 1)})
+    with pytest.raises(ValueError, match=r"`adapted` should hold at least one adapted parameter"):
+        reptile_deltas(params, {})
+    with pytest.raises(
+        ValueError, match=r"`adapted\['more'\]` holds 2 tasks .* `adapted\['head'\]` holds 3"
+    ):
+        reptile_deltas(
+            {**params, "more": torch.ones(1)}, {"head": torch.ones(3, 2), "more": torch.ones(2, 1)}
+        )

@@ -316,3 +316,47 @@ def test_no_trainable_outer_parameter_raises() -> None:
     with pytest.raises(ValueError, match=r"None of the 4 outer parameters requires grad"):
         agree.backward(loss, maml.clone())
     assert agree.num_recorded == 0
+
+
+def test_torch_func_anil_equals_its_stock_loop_and_uses_the_weights() -> None:
+    stock, _ = pipes.run_func_anil(False, seed=14)
+    wrapped, _ = pipes.run_func_anil(True, seed=14)
+    _assert_same_end(stock, wrapped)
+    alone, _ = pipes.run_func_anil(False, seed=14, n_tasks=1)
+    first, agree = pipes.run_func_anil(True, pipes.OnlyFirst(), seed=14)
+    _assert_same_end(alone, first)
+    assert agree.last_weights.tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_higher_anil_equals_its_stock_loop() -> None:
+    """higher's innerloop_ctx over the head alone, the features outside it, both in the
+    outer optimizer."""
+    from ga_optim.adapters.higher import AgreementHigher
+
+    def run(wrapped: bool) -> pipes.State:
+        torch.manual_seed(15)
+        features = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh()).double()
+        head = torch.nn.Linear(8, 1).double()
+        meta_opt = torch.optim.Adam([*features.parameters(), *head.parameters()], lr=0.01)
+        inner_opt = torch.optim.SGD(head.parameters(), lr=pipes.INNER_LR)
+        agree = AgreementHigher(head, meta_opt, weighting=Mean()) if wrapped else None
+        for tasks in pipes.batches(15):
+            meta_opt.zero_grad()
+            for xs, ys, xq, yq in tasks:
+                with higher.innerloop_ctx(head, inner_opt, copy_initial_weights=False) as (
+                    fhead,
+                    diffopt,
+                ):
+                    diffopt.step(pipes.mse(fhead(features(xs)), ys))
+                    query = pipes.mse(fhead(features(xq)), yq)
+                    if agree is None:
+                        (query / len(tasks)).backward()
+                    else:
+                        agree.backward(query, fhead)
+            if agree is None:
+                meta_opt.step()
+            else:
+                agree.step()
+        return pipes.state(meta_opt, features, head)
+
+    _assert_same_end(run(False), run(True))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -258,32 +259,53 @@ def run_reptile(
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
     reptile = AgreementReptile(model, opt, weighting=weighting or Mean()) if wrapped else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
     for tasks in batches(seed):
-        opt.zero_grad()
-        if reptile is None:
-            for p in trainable:
-                p.grad = torch.zeros_like(p)
-        for xs, ys, _, _ in tasks[:n_tasks]:
-            learner = copy.deepcopy(model) if reptile is None else reptile.clone()
-            inner = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], 0.05)
-            for _ in range(3):
-                inner.zero_grad()
-                mse(learner(xs), ys).backward()
-                inner.step()
-            if reptile is not None:
-                reptile.record(learner)
-                continue
-            with torch.no_grad():
-                for p, fast in zip(model.parameters(), learner.parameters()):
-                    if p.requires_grad:
-                        p.grad.add_(p - fast)  # type: ignore[operator]
-        if reptile is None:
-            _mean_grads(trainable, n_tasks)
-            opt.step()
-        else:
-            reptile.step()
+        support = [partial(_support_mse, xs=xs, ys=ys) for xs, ys, _, _ in tasks[:n_tasks]]
+        reptile_iteration(model, opt, reptile, support, inner_lr=0.05, inner_steps=3)
     return state(opt, model), reptile
+
+
+def _support_mse(learner: nn.Module, xs: Tensor, ys: Tensor) -> Tensor:
+    return mse(learner(xs), ys)
+
+
+def reptile_iteration(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    reptile: Any,
+    support_losses: list[Callable[[nn.Module], Tensor]],
+    *,
+    inner_lr: float,
+    inner_steps: int,
+) -> None:
+    """One outer step of learn2learn's Reptile loop: stock (``reptile=None``: ``.grad``
+    zeroed for the trainable parameters, θ − θ_i added per task, averaged, ``opt.step()``)
+    or wrapped (``reptile.clone()`` / ``record`` / ``step``). Each task is its support
+    loss of a learner, minimised by SGD over the learner's trainable parameters."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt.zero_grad()
+    if reptile is None:
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+    for support_loss in support_losses:
+        learner = copy.deepcopy(model) if reptile is None else reptile.clone()
+        inner = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], inner_lr)
+        for _ in range(inner_steps):
+            inner.zero_grad()
+            support_loss(learner).backward()
+            inner.step()
+        if reptile is not None:
+            reptile.record(learner)
+            continue
+        with torch.no_grad():
+            for p, fast in zip(model.parameters(), learner.parameters()):
+                if p.requires_grad:
+                    p.grad.add_(p - fast)  # type: ignore[operator]
+    if reptile is None:
+        _mean_grads(trainable, len(support_losses))
+        opt.step()
+    else:
+        reptile.step()
 
 
 # -- higher: a loop that sums its tasks' losses -----------------------------------------
@@ -406,28 +428,8 @@ def run_lora(
     if wrapped:
         agree = AgreementReptile(model, opt, weighting=weighting or Mean())
     for step in range(STEPS):
-        opt.zero_grad()
-        for p in trainable if agree is None else []:
-            p.grad = torch.zeros_like(p)
-        for xs, _, _, _ in token_tasks(seed * 100 + step):
-            learner = copy.deepcopy(model) if agree is None else agree.clone()
-            inner = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], 0.1)
-            for _ in range(2):
-                inner.zero_grad()
-                loss_of(learner, xs).backward()
-                inner.step()
-            if agree is not None:
-                agree.record(learner)
-                continue
-            with torch.no_grad():
-                for p, fast in zip(model.parameters(), learner.parameters()):
-                    if p.requires_grad:
-                        p.grad.add_(p - fast)  # type: ignore[operator]
-        if agree is None:
-            _mean_grads(trainable, N_TASKS)
-            opt.step()
-        else:
-            agree.step()
+        support = [partial(loss_of, ids=xs) for xs, _, _, _ in token_tasks(seed * 100 + step)]
+        reptile_iteration(model, opt, agree, support, inner_lr=0.1, inner_steps=2)
     return state(opt), agree
 
 

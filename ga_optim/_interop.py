@@ -21,7 +21,6 @@ from typing import Any
 
 from torch import Tensor
 
-from ._checks import check_gramian
 from ._weightings import Weighting
 
 __all__ = ["from_torchjd", "to_torchjd"]
@@ -74,37 +73,6 @@ def from_torchjd(weighting: Any) -> Weighting:
     return _FromTorchJD(weighting)
 
 
-_TO_TORCHJD_CLASS: list[type] = []
-
-
-def _to_torchjd_class() -> type:
-    if not _TO_TORCHJD_CLASS:
-        try:
-            from torchjd.aggregation import Weighting as TorchJDWeighting
-        except ImportError as error:  # pragma: no cover - exercised only without torchjd
-            raise ImportError(
-                "ga_optim.to_torchjd needs torchjd. Install it with: "
-                'pip install "torchjd[quadprog-projector]"'
-            ) from error
-
-        class GaOptimWeighting(TorchJDWeighting):  # type: ignore[type-arg]
-            """A ga_optim weighting as a TorchJD ``Weighting`` [``PSDMatrix``]."""
-
-            def __init__(self, weighting: Weighting) -> None:
-                super().__init__()
-                self.ga_optim_weighting = weighting
-
-            def forward(self, gramian: Tensor, /) -> Tensor:
-                checked = check_gramian(gramian)
-                return self.ga_optim_weighting.from_gramian(checked).to(gramian.dtype)
-
-            def extra_repr(self) -> str:
-                return repr(self.ga_optim_weighting)
-
-        _TO_TORCHJD_CLASS.append(GaOptimWeighting)
-    return _TO_TORCHJD_CLASS[0]
-
-
 def to_torchjd(weighting: Weighting) -> Any:
     r"""A ga_optim weighting (e.g. :class:`~ga_optim.Agreement`) as a TorchJD Gramian
     weighting, for TorchJD's multi-task API.
@@ -130,4 +98,11 @@ def to_torchjd(weighting: Weighting) -> Any:
             "`weighting` should be a ga_optim Weighting (e.g. Agreement()). "
             f"Found `{type(weighting).__name__}`."
         )
-    return _to_torchjd_class()(weighting)
+    try:
+        from ._torchjd import GaOptimWeighting
+    except ImportError as error:  # pragma: no cover - exercised only without torchjd
+        raise ImportError(
+            "ga_optim.to_torchjd needs torchjd. Install it with: "
+            'pip install "torchjd[quadprog-projector]"'
+        ) from error
+    return GaOptimWeighting(weighting)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ga_optim import Agreement, GradientAgreementAggregator, Mean, from_torchjd, to_torchjd
+from ga_optim import (
+    Agreement,
+    CosineAgreement,
+    GeometricMedian,
+    GradientAgreementAggregator,
+    LeaveOneOutAgreement,
+    Mean,
+    NonNegativeAgreement,
+    from_torchjd,
+    to_torchjd,
+)
 from ga_optim.testing import reference_agreement_weights, reference_gramian
 from tests._optional import require
 
@@ -115,3 +125,28 @@ def test_interop_errors_and_names() -> None:
     assert "UPGradWeighting" in repr(from_torchjd(torchjd_aggregation.UPGradWeighting()))
     assert isinstance(to_torchjd(Mean()), torchjd_aggregation.Weighting)
     assert from_torchjd(torchjd_aggregation.MeanWeighting()).needs == "gramian"
+
+
+@pytest.mark.parametrize(
+    "weighting",
+    [
+        Agreement(),
+        Mean(),
+        NonNegativeAgreement(),
+        CosineAgreement(),
+        LeaveOneOutAgreement(non_negative=True),
+        GeometricMedian(),
+    ],
+    ids=repr,
+)
+def test_an_exported_weighting_pickles_and_unpickles(weighting: object) -> None:
+    """TorchJD's own weightings pickle (checkpoints, multiprocessing); ours exported do too,
+    and the unpickled one computes the same weights."""
+    import pickle
+
+    exported = to_torchjd(weighting)
+    restored = pickle.loads(pickle.dumps(exported))
+    assert type(restored) is type(exported)
+    gramian = reference_gramian(_tasks(4, 7))
+    torch.testing.assert_close(restored(gramian), exported(gramian), rtol=0, atol=0)
+    assert repr(restored) == repr(exported)

@@ -392,8 +392,11 @@ class GeometricMedian(Weighting):
     the median moves by at most a bounded amount when a minority of tasks is corrupted
     (breakdown point 1/2). ``w_i >= 0`` and ``Σ w_i = 1``; identical tasks get ``1/N``.
 
-    From the Gramian alone, in float64: the tasks become points with that Gramian (its
-    eigendecomposition, directions below rounding dropped), and :math:`z` is found by
+    From the Gramian alone, in float64: the tasks become points with that Gramian, taken
+    about the medoid (the task nearest the others; distances are unchanged, and the
+    coordinates are finest near the median), by its eigendecomposition (directions below
+    rounding dropped). Two tasks get ½ each, the midpoint, at any scale and in either
+    order; the weights do not depend on the tasks' order. :math:`z` is found by
     Newton's method (quadratically convergent, as in Overton, *Math. Programming* 27, 1983)
     with a backtracking line search, a Weiszfeld step where Newton's does not lower the
     objective, starting at the mean; it stops when a step changes no weight by more than
@@ -451,10 +454,20 @@ class GeometricMedian(Weighting):
         scale = float(g.diagonal().clamp(min=0).mean())  # the mean squared task norm
         if scale == 0:
             return torch.full((n,), 1.0 / n, dtype=dtype, device=gramian.device)
-        # The tasks as points with this Gramian, at unit RMS norm (ν is relative).
+        # The tasks as points with this Gramian, at unit RMS norm (ν is relative), about
+        # the medoid (the task with the least distance to the others): distances do not
+        # change, the median is found where the coordinates are finest (near the origin),
+        # and two tasks, whichever is the origin, are 0 and D, with the midpoint at D/2
+        # exactly (½ each, at any scale and in either order).
         g = g / scale
+        squares = g.diagonal()
+        apart = (squares[:, None] + squares[None, :] - 2 * g).clamp(min=0).sqrt()
+        shift = torch.eye(n, dtype=torch.float64)
+        shift[:, int(apart.sum(1).argmin())] -= 1.0  # row i: g_i − g_medoid
+        g = shift @ g @ shift.T
+        g = (g + g.T) / 2
         values, vectors = torch.linalg.eigh(g)
-        kept = values > values.max() * n * 2**-52
+        kept = values > n * 2**-52 * max(float(values.max()), 1.0)
         points = vectors[:, kept] * values[kept].sqrt()
         nu, eye = self.smoothing, torch.eye(points.shape[1], dtype=torch.float64)
 

@@ -434,6 +434,9 @@ _STRESS_MEDIANS = (
     [[5.8685e-61], [0.0], [1e-3], [1e-9]],  # distances of ν: weights need z to ν·tolerance
     [[1e-3], [1e-9], [5.8685e-61]],
     [[0.05, 0.05, 0, 0], [6.103515625e-08, 5e-4, 5e-4, 0], [0, 5e-4, 5e-4, 0]],  # 1.5 ν apart
+    [[1.0], [1.00001]],  # two tasks apart in the fifth digit: the midpoint, at every scale
+    [[-0.001], [-0.00099]],
+    [[1.0], [1.00001], [1.00003]],  # permutations agreed to 1.3e-7 only
 )
 
 
@@ -476,6 +479,21 @@ def test_geometric_median_is_the_median(batch: list[list[torch.Tensor]]) -> None
     n = len(batch)
     assert found <= best + 1e-8 * max(scale, 1e-300) * n + n * nu, (found, best)
     assert_weighting_invariants(GeometricMedian(), batch, signed=False, aligned=False, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 3.0, 1e3])
+def test_geometric_median_of_two_tasks_is_their_midpoint(scale: float) -> None:
+    """Two tasks: every point between them is a median; the weights are ½ each (the
+    midpoint, the limit of the smoothed medians), however close the tasks and at any
+    scale (they differed in the seventh digit, and moved with the scale, before the
+    Gramian was centred)."""
+    for rows in ([[1.0], [1.00001]], [[-0.001], [-0.00099]], [[3.0, 4.0], [3.0, 4.0001]]):
+        matrix = scale * torch.tensor(rows, dtype=torch.float64)
+        for order in (matrix, matrix.flip(0)):
+            weights = GeometricMedian()(order)
+            torch.testing.assert_close(
+                weights, torch.full((2,), 0.5, dtype=torch.float64), rtol=0, atol=1e-12
+            )
 
 
 def test_geometric_median_in_a_flat_valley() -> None:

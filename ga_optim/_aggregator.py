@@ -80,12 +80,14 @@ class GradientAgreementAggregator:
 
         \text{Reptile (line 10):}\quad
         \theta \leftarrow \theta + \alpha \sum_i w_i (\theta_i - \theta)
-        \qquad
+
+    .. math::
+
         \text{MAML (line 9):}\quad
         \theta \leftarrow \theta - \alpha \sum_i w_i \nabla L_i(\theta_i)
 
     with :math:`w` from ``weighting`` (default :class:`~ga_optim.Agreement`, Eq. 13). The
-    aggregate :math:`\sum_i w_i v_i` is written into each parameter's ``.grad`` and
+    aggregate :math:`\sum_i w_i v_i` is added to each parameter's ``.grad`` and
     ``optimizer.step()`` applies it; with ``SGD(lr=α)`` and Reptile deltas
     :math:`v_i = \theta - \theta_i` this is exactly line 10. :class:`~ga_optim.Mean` gives
     plain batched Reptile / MAML.

@@ -19,8 +19,10 @@ from ga_optim import (
 from ga_optim.testing import reference_agreement_weights, reference_gramian
 from tests._optional import require
 
-torchjd_aggregation = require("torchjd.aggregation", "pip install 'ga-optim[torchjd]'")
-torchjd_autojac = require("torchjd.autojac", "pip install 'ga-optim[torchjd]'")
+torchjd_aggregation = require(
+    "torchjd.aggregation", 'pip install "torchjd[quadprog-projector]>=0.18"'
+)
+torchjd_autojac = require("torchjd.autojac", 'pip install "torchjd[quadprog-projector]>=0.18"')
 
 
 def _tasks(n: int, seed: int) -> list[list[torch.Tensor]]:

@@ -10,7 +10,7 @@ from tests._optional import require
 
 from ._reference import make_model, make_tasks, maml_reference, mse
 
-higher = require("higher", "pip install 'ga-optim[higher]'")
+higher = require("higher", "pip install higher==0.2.1")
 from ga_optim.adapters.higher import AgreementHigher  # noqa: E402
 
 INNER_LR, OUTER_LR, STEPS = 0.1, 0.05, 2

@@ -194,8 +194,8 @@ def test_higher_loop_that_sums_its_losses_equals_reduction_sum() -> None:
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 @pytest.mark.parametrize("algo", ["maml", "reptile"])
 def test_peft_lora_on_gpt2_equals_its_stock_loop_and_the_base_stays(algo: str) -> None:
-    require("peft", "pip install peft")
-    require("transformers", "pip install transformers")
+    require("peft", "pip install 'peft>=0.21'")
+    require("transformers", "pip install 'transformers>=5'")
     stock, _ = pipes.run_lora(False, algo=algo, seed=7)
     wrapped, _ = pipes.run_lora(True, algo=algo, seed=7)
     _assert_same_end(stock, wrapped)

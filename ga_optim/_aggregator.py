@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._checks import Tasks, as_tasks, check_gramian, check_params
-from ._collective import code_dtype, dtype_code, make_collective
+from ._collective import Signature, make_collective
 from ._matrix import Layout, Rows, accumulation_dtype, locate_non_finite, pack
 from ._statistics import cosines, scaled, statistic
 from ._weightings import Agreement, Weighting
@@ -276,56 +276,24 @@ class GradientAgreementAggregator:
                         f"`task_vectors` holds {tasks.num_tasks}. Both must describe the "
                         "same meta-batch."
                     )
-            hit = _reached(reached, tasks.dtypes)
+            mine = Signature(
+                tasks.num_tasks,
+                agreement_vectors is not None,
+                tasks.dtypes,
+                measured.dtypes,
+                _reached(reached, tasks.dtypes),
+            )
         except (TypeError, ValueError) as found:
             if not self.distributed:
                 raise
-            error = found
-        if not self.distributed:
-            return _Call(tasks, measured, (tasks.num_tasks,), 0, hit)
-        signature = [0] * (2 + 3 * len(self.params))
-        if error is None:
-            dtypes = tasks.dtypes + measured.dtypes
-            signature = [
-                tasks.num_tasks,
-                agreement_vectors is not None,
-                *map(dtype_code, dtypes),
-                *map(int, hit),
-            ]
-        rows = self._collective.agree(error, signature)
-        # Every rank's signature → the global view (the same on every rank, so any error
-        # raised here is raised everywhere).
-        counts = tuple(row[0] for row in rows)
-        if sum(counts) == 0:
-            raise ValueError(
-                f"`task_vectors` holds no task on any of the {len(rows)} ranks; at least one "
-                "rank should pass a task."
-            )
-        active = {r: row for r, row in enumerate(rows) if row[0]}
-        if len({row[1] for row in active.values()}) > 1:
-            raise ValueError(
-                f"Ranks {[r for r, row in active.items() if row[1]]} passed "
-                "`agreement_vectors` and the other ranks with tasks did not: every rank "
-                "should call with the same form (MAML or Reptile)."
-            )
-        n_params, merged = len(self.params), []
-        for column in range(2, 2 + 2 * n_params):
-            codes = {r: row[column] for r, row in active.items() if row[column]}
-            if len(set(codes.values())) > 1:
-                r1 = next(iter(codes))
-                r2 = next(r for r in codes if codes[r] != codes[r1])
-                what = "task_vectors" if column < 2 + n_params else "agreement_vectors"
-                raise TypeError(
-                    f"`{what}` parameter {(column - 2) % n_params} has dtype "
-                    f"{code_dtype(codes[r1])} on rank {r1} and {code_dtype(codes[r2])} on "
-                    f"rank {r2}; every rank should pass the same dtypes."
-                )
-            merged.append(code_dtype(max(codes.values(), default=0)))
-        same, tasks = measured is tasks, replace(tasks, dtypes=tuple(merged[:n_params]))
-        measured = tasks if same else replace(measured, dtypes=tuple(merged[n_params:]))
-        start = 2 + 2 * n_params  # any rank's task reached the parameter
-        hit = tuple(any(row[start + p] for row in rows) for p in range(n_params))
-        return _Call(tasks, measured, counts, sum(counts[: self._collective.rank]), hit)
+            error, mine = found, None
+        if mine is not None and not self.distributed:
+            return _Call(tasks, measured, (tasks.num_tasks,), 0, mine.reached)
+        whole, counts = Signature.agree(self._collective, error, mine, len(self.params))
+        same, tasks = measured is tasks, replace(tasks, dtypes=whole.dtypes)
+        measured = tasks if same else replace(measured, dtypes=whole.measured_dtypes)
+        first = sum(counts[: self._collective.rank])
+        return _Call(tasks, measured, counts, first, whole.reached)
 
     # -- one computation: pack, statistic, weights, update, one flag ---------------------
 

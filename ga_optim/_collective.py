@@ -24,23 +24,96 @@ own tasks and :meth:`Collective.raise_together` raises the same exception everyw
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Collective", "GroupCollective", "make_collective"]
+__all__ = ["Collective", "GroupCollective", "Signature", "make_collective"]
 
 _DTYPES = (None, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def dtype_code(dtype: torch.dtype | None) -> int:
+def _dtype_code(dtype: torch.dtype | None) -> int:
     """A small integer for a floating dtype (0 for none), to exchange in an int tensor."""
     return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
 
 
-def code_dtype(code: int) -> torch.dtype | None:
+def _code_dtype(code: int) -> torch.dtype | None:
     return _DTYPES[code] if code < len(_DTYPES) else None
+
+
+Dtypes = tuple[torch.dtype | None, ...]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a rank says of its part of a meta-batch, before any arithmetic: its task count,
+    whether it passed agreement vectors (the MAML form), each parameter's dtype in the task
+    vectors and in the agreement vectors (``None``: no task of its has the parameter), and
+    which parameters its tasks reached. In one process it is the call's own; from
+    :meth:`agree` it describes the whole meta-batch."""
+
+    num_tasks: int
+    maml_form: bool
+    dtypes: Dtypes
+    measured_dtypes: Dtypes
+    reached: tuple[bool, ...]
+
+    def _encode(self) -> list[int]:
+        return [
+            self.num_tasks,
+            int(self.maml_form),
+            *map(_dtype_code, self.dtypes + self.measured_dtypes),
+            *map(int, self.reached),
+        ]
+
+    @staticmethod
+    def agree(
+        collective: Collective, error: Exception | None, mine: Signature | None, n_params: int
+    ) -> tuple[Signature, tuple[int, ...]]:
+        """Every rank's signature (one small all-reduce of ``int64`` [world, 3 + 3·params]),
+        merged: the whole meta-batch's, and the task count of each rank. Raises on every
+        rank, the same exception, if any rank's input was bad (``error``), no rank has a
+        task, the ranks mix the two forms, or they disagree on a parameter's dtype."""
+        local = [0] * (2 + 3 * n_params) if mine is None else mine._encode()
+        rows = collective.agree(error, local)
+        counts = tuple(row[0] for row in rows)
+        if sum(counts) == 0:
+            raise ValueError(
+                f"`task_vectors` holds no task on any of the {len(rows)} ranks; at least one "
+                "rank should pass a task."
+            )
+        active = {r: row for r, row in enumerate(rows) if row[0]}
+        if len({row[1] for row in active.values()}) > 1:
+            raise ValueError(
+                f"Ranks {[r for r, row in active.items() if row[1]]} passed "
+                "`agreement_vectors` and the other ranks with tasks did not: every rank "
+                "should call with the same form (MAML or Reptile)."
+            )
+        merged = []
+        for column in range(2, 2 + 2 * n_params):
+            codes = {r: row[column] for r, row in active.items() if row[column]}
+            if len(set(codes.values())) > 1:
+                r1 = next(iter(codes))
+                r2 = next(r for r in codes if codes[r] != codes[r1])
+                what = "task_vectors" if column < 2 + n_params else "agreement_vectors"
+                raise TypeError(
+                    f"`{what}` parameter {(column - 2) % n_params} has dtype "
+                    f"{_code_dtype(codes[r1])} on rank {r1} and {_code_dtype(codes[r2])} on "
+                    f"rank {r2}; every rank should pass the same dtypes."
+                )
+            merged.append(_code_dtype(max(codes.values(), default=0)))
+        start = 2 + 2 * n_params  # a parameter any rank's task reached
+        whole = Signature(
+            sum(counts),
+            any(row[1] for row in active.values()),
+            tuple(merged[:n_params]),
+            tuple(merged[n_params:]),
+            tuple(any(row[start + p] for row in rows) for p in range(n_params)),
+        )
+        return whole, counts
 
 
 class Collective:

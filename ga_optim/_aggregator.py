@@ -460,15 +460,9 @@ class GradientAgreementAggregator:
 
         In a process group, each rank passes its own tasks and gets every task's weight.
         """
-        if (task_vectors is None) == (gramian is None):
-            raise TypeError("Pass exactly one of `task_vectors` and `gramian`.")
-        if gramian is not None and self.distributed:
-            raise ValueError(
-                "`gramian` cannot be given with a `process_group`: pass the task vectors."
-            )
-        if gramian is not None:
-            return self.weighting.weights(gramian=gramian)
-        return self._call(task_vectors, None, None, "weights").weights
+        if self.distributed or (task_vectors is not None and gramian is None):
+            return self._call(task_vectors, None, gramian, "weights").weights
+        return self.weighting.weights(task_vectors, gramian=gramian)
 
     def _call(
         self,

@@ -242,6 +242,12 @@ def errors_worker(rank: int, world: int) -> dict[str, Any]:
     def overflow() -> None:
         huge.step(mine)
 
+    def gramian_on_rank1() -> None:
+        if rank == 1:
+            aggregator.weights(gramian=torch.eye(2))
+        else:
+            aggregator.weights(mine)
+
     out: dict[str, Any] = {}
     for call in (
         nan_on_rank1,
@@ -251,6 +257,7 @@ def errors_worker(rank: int, world: int) -> dict[str, Any]:
         no_task_anywhere,
         form_mismatch,
         overflow,
+        gramian_on_rank1,
     ):
         before = _snapshot(params, outer)
         try:

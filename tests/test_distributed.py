@@ -126,6 +126,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank(tmp_path: Path) -> None:
         "no_task_anywhere": ("ValueError", ["no task on any of the 3 ranks"]),
         "form_mismatch": ("ValueError", ["Ranks [0] passed `agreement_vectors`"]),
         "overflow": ("ValueError", ["overflowed"]),
+        "gramian_on_rank1": ("ValueError", ["On rank 1 of 3", "`gramian` cannot be given"]),
     }
     for call, (kind, fragments) in expected.items():
         for rank, result in enumerate(results):

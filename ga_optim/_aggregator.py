@@ -336,79 +336,100 @@ class GradientAgreementAggregator:
             weights if weights.dtype == measured.dtype else weights.to(measured.dtype),
         )
 
-    def _run(
-        self, call: _Call, gramian: Tensor | None, mode: _Mode, careful: bool = False
-    ) -> _Result:
-        """The call's weights and update, with one value read back. When that flag is down
-        the same computation runs again, ``careful``: with a check after each stage, it
-        raises (on every rank) naming the rank, task and parameter of a non-finite value,
-        rescales scores that over- or underflow, and names a weighting whose weights are
-        wrong."""
-        n = sum(call.counts)
+    def _run(self, call: _Call, gramian: Tensor | None, mode: _Mode) -> _Result:
+        """The call's weights and update, with one value read back (:meth:`_healthy`).
+        When that flag is down, :meth:`_run_checked` does the same computation again, with
+        a check after each stage."""
         matrix = measured = self._pack(call.tasks)
         if call.measured is not call.tasks:
             measured = self._pack(call.measured)
+        needs, stat, weights = self._weigh(call, measured, gramian)
+        if weights.shape == (sum(call.counts),):
+            update, outputs = self._produce(matrix, weights, call, mode)
+            if self._healthy(needs, stat, weights, update, outputs, matrix, measured, mode):
+                return self._result(call, measured, weights, outputs)
+        return self._run_checked(call, gramian, mode, matrix, measured)
+
+    def _run_checked(
+        self, call: _Call, gramian: Tensor | None, mode: _Mode, matrix: Tensor, measured: Tensor
+    ) -> _Result:
+        """The computation of :meth:`_run` with a check after each stage. ``"raise"``: a
+        non-finite value raises on every rank, naming the rank, task and parameter; a
+        weighting whose weights are wrong is named; an update that overflowed its dtype
+        raises. ``"propagate"``: weights that read a non-finite value are NaN, and so is
+        the update. The scores are computed in float64 on the matrix scaled by a power of
+        two (so that scores that over- or underflowed are right)."""
+        n = sum(call.counts)
         unreadable = False
-        if careful and self.non_finite == "raise":
+        if self.non_finite == "raise":
 
             def find() -> None:
                 locate_non_finite(matrix, self.layout, call.tasks.name)
                 locate_non_finite(measured, self.layout, call.measured.name)
 
             self._collective.raise_together(find)
-        elif careful:
+        else:
             bad = (~torch.isfinite(measured)).any().double().reshape(1)
             self._collective.max_(bad)
             unreadable = self.weighting.needs != "count" and bool(bad)
-        if unreadable:  # the weights read a non-finite value: they and the update are NaN
-            needs, stat = "count", measured
+        if unreadable:
             weights = torch.full((n,), math.nan, dtype=measured.dtype, device=measured.device)
         else:
-            needs, stat, weights = self._weigh(call, measured, gramian, rescale=careful)
-        if weights.shape != (n,) and not careful:
-            return self._run(call, gramian, mode, careful=True)
-        if careful and not unreadable:
+            weights = self._weigh(call, measured, gramian, rescale=True)[2]
             if weights.shape != (n,) or not bool(torch.isfinite(weights).all()):
                 raise ValueError(
                     f"{self.weighting!r} returned weights {weights.tolist()} of shape "
                     f"{tuple(weights.shape)} from finite input; expected ({n},), finite."
                 )
-        update = outputs = None
-        if mode == "weights":
-            probe = weights.sum()
-        else:
-            update = self._combine(matrix, weights, call)
-            outputs = self._outputs(update, mode, call)
-            probe = update.sum()
-            for part in outputs:  # a cast to fp16/bf16 may overflow
-                if part.dtype.itemsize < update.dtype.itemsize:
-                    probe = probe + part.sum()
-        if careful:
-            parts = [] if update is None or outputs is None else [update, *outputs]
-            if self.non_finite == "raise" and not all(bool(p.isfinite().all()) for p in parts):
+        update, outputs = self._produce(matrix, weights, call, mode)
+        if update is not None and outputs is not None and self.non_finite == "raise":
+            if not all(bool(part.isfinite().all()) for part in (update, *outputs)):
                 raise ValueError(
                     "The weighted sum of `task_vectors` overflowed its dtype "
-                    f"({parts[0].dtype}); rescale the vectors or use a wider dtype."
+                    f"({update.dtype}); rescale the vectors or use a wider dtype."
                 )
-            return self._result(call, measured, weights, outputs)
-        # A probe that is finite exactly when everything read and produced is (an
-        # overflow of its own sum is a false alarm that only costs the careful path).
+        return self._result(call, measured, weights, outputs)
+
+    def _produce(
+        self, matrix: Tensor, weights: Tensor, call: _Call, mode: _Mode
+    ) -> tuple[Tensor | None, list[Tensor] | None]:
+        """The update ``[P]`` and what the call hands back of it (none for ``weights``)."""
+        if mode == "weights":
+            return None, None
+        update = self._combine(matrix, weights, call)
+        return update, self._outputs(update, mode, call)
+
+    def _healthy(
+        self,
+        needs: str,
+        stat: Tensor,
+        weights: Tensor,
+        update: Tensor | None,
+        outputs: list[Tensor] | None,
+        matrix: Tensor,
+        measured: Tensor,
+        mode: _Mode,
+    ) -> bool:
+        """The one value read back: whether everything read and produced is finite (a probe
+        whose sum is finite exactly then; an overflow of its own sum is a false alarm that
+        only costs the checked path) and the scores are clear of underflow."""
+        probe = weights.sum() if update is None else update.sum()
+        for part in outputs or []:  # a cast to fp16/bf16 may overflow
+            if update is not None and part.dtype.itemsize < update.dtype.itemsize:
+                probe = probe + part.sum()
         if needs == "count" and self.non_finite == "raise":  # values Mean does not read
             if measured is not matrix or mode == "weights":
                 unread = measured.sum().reshape(1)
                 self._collective.sum_(unread)
                 probe = probe + unread
-        clear = None
-        if needs == "scores":  # clear of underflow, and finite
+        if needs == "scores":
             info = torch.finfo(stat.dtype)
             largest = stat.abs().amax()
-            probe, clear = probe + largest, largest >= info.tiny / info.eps
-        elif needs != "count":
+            finite = (probe + largest) * 0 == 0
+            return bool(finite & (largest >= info.tiny / info.eps))
+        if needs != "count":
             probe = probe + stat.sum()
-        flag = probe * 0 == 0
-        if not bool(flag if clear is None else flag & clear):  # the one value read back
-            return self._run(call, gramian, mode, careful=True)
-        return self._result(call, measured, weights, outputs)
+        return bool(probe * 0 == 0)
 
     def _combine(self, matrix: Tensor, weights: Tensor, call: _Call) -> Tensor:
         """``u = Jᵀw`` over every rank's tasks (this rank's share, all-reduced), into the

@@ -35,3 +35,41 @@ def test_api_page_names_every_public_name(module: str) -> None:
 
 def test_api_page_documents_the_testing_module() -> None:
     assert ".. automodule:: ga_optim.testing" in API
+
+
+def test_the_built_site_has_no_broken_relative_link(tmp_path: Path) -> None:
+    """The README's sections are included in the site, with links into the repository: a
+    link to a file that is a page of the site goes to the page, any other stays its text
+    (docs/site/conf.py), so that no relative link of the built site points nowhere."""
+    import re
+    import subprocess
+    import sys
+
+    from ._optional import require
+
+    require("sphinx", "pip install -e '.[docs]'")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "html"
+    done = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-b", "html", "-W", "-q", "docs/site", str(out)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    broken, checked = [], 0
+    for page in out.rglob("*.html"):
+        if {"_static", "_sources"} & set(page.relative_to(out).parts):
+            continue
+        for href in re.findall(r'href="([^"]+)"', page.read_text()):
+            target = href.split("#")[0].split("?")[0]
+            if not target or re.match(r"^[a-z]+:", target) or target.startswith("//"):
+                continue
+            checked += 1
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(out)} -> {href}")
+    assert checked > 100, checked  # the scan saw the site's links
+    assert not broken, broken
+    adapters = (out / "guide" / "adapters.html").read_text()  # the README's link, now the page's
+    assert 'href="../guide/pipelines.html">Pipelines page</a>' in adapters

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -43,3 +45,34 @@ napoleon_use_ivar = True
 if os.environ.get("GA_OPTIM_MATHJAX"):
     html_static_path = [os.environ["GA_OPTIM_MATHJAX"]]
     mathjax_path = "es5/tex-mml-chtml.js"
+
+
+# The README's sections are included in several pages; its links point into the repository
+# (relative to its root), which the built site does not hold. A link to a file that is a
+# page of the site goes to that page; a link to any other repository file stays its text.
+SITE_PAGES = {
+    "docs/RESULTS.md": "results",
+    "docs/site/install.md": "install",
+    "docs/site/guide/pipelines.md": "guide/pipelines",
+}
+_LINK = re.compile(
+    r"\[([^\]]+)\]\(((?:docs|examples|benchmarks|scripts|tests)/[^)#\s]*)(#[^)\s]*)?\)"
+)
+
+
+def _site_links(app: Any, relative_path: Path, parent_docname: str, content: list[str]) -> None:
+    if Path(relative_path).name != "README.md":
+        return
+    up = "../" * app.env.docname.count("/")  # (parent_docname comes without its folder)
+
+    def link(match: re.Match[str]) -> str:
+        text, target, anchor = match[1], match[2], match[3] or ""
+        page = SITE_PAGES.get(target)
+        return f"[{text}]({up}{page}.html{anchor})" if page else text
+
+    parts = re.split(r"(```.*?```)", content[0], flags=re.S)  # code blocks stay as they are
+    content[0] = "".join(p if p.startswith("```") else _LINK.sub(link, p) for p in parts)
+
+
+def setup(app: Any) -> None:
+    app.connect("include-read", _site_links)

@@ -15,6 +15,7 @@ if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
         ("learn2learn", "adapters/learn2learn.py"),
         ("higher", "adapters/higher.py"),
         ("torchjd", "_interop.py"),  # its doctest uses torchjd
+        ("torchjd", "_torchjd.py"),  # imported by to_torchjd alone; it subclasses torchjd's
     ):
         if importlib.util.find_spec(module) is None:
             collect_ignore.append(f"ga_optim/{path}")

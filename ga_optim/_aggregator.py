@@ -251,7 +251,7 @@ class GradientAgreementAggregator:
         agreement_vectors: object,
         gramian: Tensor | None,
         reached: object = None,
-    ) -> _Call:
+    ) -> _MetaBatch:
         """Validate this rank's input; in a process group, agree with every rank (one small
         all-reduce) so that bad input anywhere raises everywhere, before any arithmetic."""
         error: Exception | None = None
@@ -265,14 +265,14 @@ class GradientAgreementAggregator:
             if agreement_vectors is not None and gramian is not None:
                 raise TypeError("Pass at most one of `agreement_vectors` and `gramian`.")
             empty = self.distributed
-            tasks = measured = as_tasks(task_vectors, params=self.params, allow_empty=empty)
+            tasks = agreement = as_tasks(task_vectors, params=self.params, allow_empty=empty)
             if agreement_vectors is not None:
-                measured = as_tasks(
+                agreement = as_tasks(
                     agreement_vectors, "agreement_vectors", self.params, allow_empty=empty
                 )
-                if measured.num_tasks != tasks.num_tasks:
+                if agreement.num_tasks != tasks.num_tasks:
                     raise ValueError(
-                        f"`agreement_vectors` holds {measured.num_tasks} tasks; "
+                        f"`agreement_vectors` holds {agreement.num_tasks} tasks; "
                         f"`task_vectors` holds {tasks.num_tasks}. Both must describe the "
                         "same meta-batch."
                     )
@@ -280,7 +280,7 @@ class GradientAgreementAggregator:
                 tasks.num_tasks,
                 agreement_vectors is not None,
                 tasks.dtypes,
-                measured.dtypes,
+                agreement.dtypes,
                 _reached(reached, tasks.dtypes),
             )
         except (TypeError, ValueError) as found:
@@ -288,12 +288,12 @@ class GradientAgreementAggregator:
                 raise
             error, mine = found, None
         if mine is not None and not self.distributed:
-            return _Call(tasks, measured, (tasks.num_tasks,), 0, mine.reached)
+            return _MetaBatch(tasks, agreement, (tasks.num_tasks,), 0, mine.reached)
         whole, counts = Signature.agree(self._collective, error, mine, len(self.params))
-        same, tasks = measured is tasks, replace(tasks, dtypes=whole.dtypes)
-        measured = tasks if same else replace(measured, dtypes=whole.measured_dtypes)
+        same, tasks = agreement is tasks, replace(tasks, dtypes=whole.dtypes)
+        agreement = tasks if same else replace(agreement, dtypes=whole.agreement_dtypes)
         first = sum(counts[: self._collective.rank])
-        return _Call(tasks, measured, counts, first, whole.reached)
+        return _MetaBatch(tasks, agreement, counts, first, whole.reached)
 
     # -- one computation: pack, statistic, weights, update, one flag ---------------------
 
@@ -305,7 +305,7 @@ class GradientAgreementAggregator:
         return pack(tasks, self.layout, dtype, self._rows.get(key))
 
     def _weigh(
-        self, call: _Call, measured: Tensor, gramian: Tensor | None, rescale: bool = False
+        self, call: _MetaBatch, agreement: Tensor, gramian: Tensor | None, rescale: bool = False
     ) -> tuple[str, Tensor, Tensor]:
         """What the weighting reads (``rescale``: the scores in float64 on the matrix
         scaled by a power of two), and the weights ``[N]`` in the matrix's dtype."""
@@ -319,12 +319,12 @@ class GradientAgreementAggregator:
                 )
         else:
             needs = self.weighting.needs
-            source = measured
+            source = agreement
             if rescale and needs == "scores":
-                source = scaled(measured, self._collective)
+                source = scaled(agreement, self._collective)
             # The task sum lives in the update buffer until the update overwrites it.
-            spare = self._buffer(source.dtype)[0] if needs == "scores" and not rescale else None
-            stat = statistic(source, needs, self._collective, call.counts, spare)
+            scratch = self._buffer(source.dtype)[0] if needs == "scores" and not rescale else None
+            stat = statistic(source, needs, self._collective, call.counts, scratch)
         weights = (
             self.weighting.from_gramian(stat)
             if needs == "gramian"
@@ -333,25 +333,30 @@ class GradientAgreementAggregator:
         return (
             needs,
             stat,
-            weights if weights.dtype == measured.dtype else weights.to(measured.dtype),
+            weights if weights.dtype == agreement.dtype else weights.to(agreement.dtype),
         )
 
-    def _run(self, call: _Call, gramian: Tensor | None, mode: _Mode) -> _Result:
+    def _run(self, call: _MetaBatch, gramian: Tensor | None, mode: _Mode) -> _Result:
         """The call's weights and update, with one value read back (:meth:`_healthy`).
         When that flag is down, :meth:`_run_checked` does the same computation again, with
         a check after each stage."""
-        matrix = measured = self._pack(call.tasks)
-        if call.measured is not call.tasks:
-            measured = self._pack(call.measured)
-        needs, stat, weights = self._weigh(call, measured, gramian)
+        matrix = agreement = self._pack(call.tasks)
+        if call.agreement is not call.tasks:
+            agreement = self._pack(call.agreement)
+        needs, stat, weights = self._weigh(call, agreement, gramian)
         if weights.shape == (sum(call.counts),):
             update, outputs = self._produce(matrix, weights, call, mode)
-            if self._healthy(needs, stat, weights, update, outputs, matrix, measured, mode):
-                return self._result(call, measured, weights, outputs)
-        return self._run_checked(call, gramian, mode, matrix, measured)
+            if self._healthy(needs, stat, weights, update, outputs, matrix, agreement, mode):
+                return self._result(call, agreement, weights, outputs)
+        return self._run_checked(call, gramian, mode, matrix, agreement)
 
     def _run_checked(
-        self, call: _Call, gramian: Tensor | None, mode: _Mode, matrix: Tensor, measured: Tensor
+        self,
+        call: _MetaBatch,
+        gramian: Tensor | None,
+        mode: _Mode,
+        matrix: Tensor,
+        agreement: Tensor,
     ) -> _Result:
         """The computation of :meth:`_run` with a check after each stage. ``"raise"``: a
         non-finite value raises on every rank, naming the rank, task and parameter; a
@@ -365,17 +370,17 @@ class GradientAgreementAggregator:
 
             def find() -> None:
                 locate_non_finite(matrix, self.layout, call.tasks.name)
-                locate_non_finite(measured, self.layout, call.measured.name)
+                locate_non_finite(agreement, self.layout, call.agreement.name)
 
             self._collective.raise_together(find)
         else:
-            bad = (~torch.isfinite(measured)).any().double().reshape(1)
+            bad = (~torch.isfinite(agreement)).any().double().reshape(1)
             self._collective.max_(bad)
             unreadable = self.weighting.needs != "count" and bool(bad)
         if unreadable:
-            weights = torch.full((n,), math.nan, dtype=measured.dtype, device=measured.device)
+            weights = torch.full((n,), math.nan, dtype=agreement.dtype, device=agreement.device)
         else:
-            weights = self._weigh(call, measured, gramian, rescale=True)[2]
+            weights = self._weigh(call, agreement, gramian, rescale=True)[2]
             if weights.shape != (n,) or not bool(torch.isfinite(weights).all()):
                 raise ValueError(
                     f"{self.weighting!r} returned weights {weights.tolist()} of shape "
@@ -388,10 +393,10 @@ class GradientAgreementAggregator:
                     "The weighted sum of `task_vectors` overflowed its dtype "
                     f"({update.dtype}); rescale the vectors or use a wider dtype."
                 )
-        return self._result(call, measured, weights, outputs)
+        return self._result(call, agreement, weights, outputs)
 
     def _produce(
-        self, matrix: Tensor, weights: Tensor, call: _Call, mode: _Mode
+        self, matrix: Tensor, weights: Tensor, call: _MetaBatch, mode: _Mode
     ) -> tuple[Tensor | None, list[Tensor] | None]:
         """The update ``[P]`` and what the call hands back of it (none for ``weights``)."""
         if mode == "weights":
@@ -407,7 +412,7 @@ class GradientAgreementAggregator:
         update: Tensor | None,
         outputs: list[Tensor] | None,
         matrix: Tensor,
-        measured: Tensor,
+        agreement: Tensor,
         mode: _Mode,
     ) -> bool:
         """The one value read back: whether everything read and produced is finite (a probe
@@ -418,8 +423,8 @@ class GradientAgreementAggregator:
             if update is not None and part.dtype.itemsize < update.dtype.itemsize:
                 probe = probe + part.sum()
         if needs == "count" and self.non_finite == "raise":  # values Mean does not read
-            if measured is not matrix or mode == "weights":
-                unread = measured.sum().reshape(1)
+            if agreement is not matrix or mode == "weights":
+                unread = agreement.sum().reshape(1)
                 self._collective.sum_(unread)
                 probe = probe + unread
         if needs == "scores":
@@ -431,7 +436,7 @@ class GradientAgreementAggregator:
             probe = probe + stat.sum()
         return bool(probe * 0 == 0)
 
-    def _combine(self, matrix: Tensor, weights: Tensor, call: _Call) -> Tensor:
+    def _combine(self, matrix: Tensor, weights: Tensor, call: _MetaBatch) -> Tensor:
         """``u = Jᵀw`` over every rank's tasks (this rank's share, all-reduced), into the
         update buffer that no ``.grad`` views now (two alternate, so a call that raises
         leaves the last step's ``.grad`` as it was)."""
@@ -453,7 +458,7 @@ class GradientAgreementAggregator:
             self._updates[dtype] = [(flat, self.layout.split(flat)) for flat in flats]
         return self._updates[dtype][self._turn]
 
-    def _outputs(self, update: Tensor, mode: _Mode, call: _Call) -> list[Tensor]:
+    def _outputs(self, update: Tensor, mode: _Mode, call: _MetaBatch) -> list[Tensor]:
         """The update per parameter: for ``step``, views of the update buffer (cast where a
         parameter has another dtype); for ``aggregate``, a copy in the vectors' dtypes."""
         if mode == "step":
@@ -463,10 +468,10 @@ class GradientAgreementAggregator:
         return [part.to(dtype, copy=True) for part, dtype in zip(self.layout.split(update), wanted)]
 
     def _result(
-        self, call: _Call, measured: Tensor, weights: Tensor, outputs: list[Tensor] | None
+        self, call: _MetaBatch, agreement: Tensor, weights: Tensor, outputs: list[Tensor] | None
     ) -> _Result:
         collective = self._collective
-        found = cosines(measured, collective, call.counts) if self.track_cosines else None
+        found = cosines(agreement, collective, call.counts) if self.track_cosines else None
         return _Result(
             weights,
             outputs,
@@ -626,13 +631,16 @@ class GradientAgreementAggregator:
 
 
 @dataclass(frozen=True)
-class _Call:
-    """One call's validated input and what every rank agreed on: the tasks per rank, this
-    rank's first task; in a process group, each parameter's dtype in ``tasks.dtypes`` and
-    ``measured.dtypes`` is the one on any rank (``None``: no task has it)."""
+class _MetaBatch:
+    """One call's validated meta-batch and what every rank agreed on: ``tasks``, the
+    vectors to combine; ``agreement``, the vectors agreement is measured on (``tasks``
+    itself unless ``agreement_vectors`` were given); the tasks per rank, this rank's first
+    task, the parameters some task reached. In a process group each parameter's dtype in
+    ``tasks.dtypes`` and ``agreement.dtypes`` is the one on any rank (``None``: no task has
+    it)."""
 
     tasks: Tasks
-    measured: Tasks
+    agreement: Tasks
     counts: tuple[int, ...]
     first: int
     reached: tuple[bool, ...]

@@ -35,12 +35,12 @@ __all__ = ["Collective", "GroupCollective", "Signature", "make_collective"]
 _DTYPES = (None, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _dtype_code(dtype: torch.dtype | None) -> int:
+def _dtype_to_code(dtype: torch.dtype | None) -> int:
     """A small integer for a floating dtype (0 for none), to exchange in an int tensor."""
     return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
 
 
-def _code_dtype(code: int) -> torch.dtype | None:
+def _code_to_dtype(code: int) -> torch.dtype | None:
     return _DTYPES[code] if code < len(_DTYPES) else None
 
 
@@ -58,14 +58,14 @@ class Signature:
     num_tasks: int
     maml_form: bool
     dtypes: Dtypes
-    measured_dtypes: Dtypes
+    agreement_dtypes: Dtypes
     reached: tuple[bool, ...]
 
     def _encode(self) -> list[int]:
         return [
             self.num_tasks,
             int(self.maml_form),
-            *map(_dtype_code, self.dtypes + self.measured_dtypes),
+            *map(_dtype_to_code, self.dtypes + self.agreement_dtypes),
             *map(int, self.reached),
         ]
 
@@ -101,10 +101,10 @@ class Signature:
                 what = "task_vectors" if column < 2 + n_params else "agreement_vectors"
                 raise TypeError(
                     f"`{what}` parameter {(column - 2) % n_params} has dtype "
-                    f"{_code_dtype(codes[r1])} on rank {r1} and {_code_dtype(codes[r2])} on "
+                    f"{_code_to_dtype(codes[r1])} on rank {r1} and {_code_to_dtype(codes[r2])} on "
                     f"rank {r2}; every rank should pass the same dtypes."
                 )
-            merged.append(_code_dtype(max(codes.values(), default=0)))
+            merged.append(_code_to_dtype(max(codes.values(), default=0)))
         start = 2 + 2 * n_params  # a parameter any rank's task reached
         whole = Signature(
             sum(counts),

@@ -11,14 +11,14 @@ from torch import Tensor
 from .._aggregator import GradientAgreementAggregator, NonFinitePolicy, Reduction
 from .._matrix import Rows, copy_into
 from .._weightings import Weighting
-from ._wraps import WrapsAggregator
+from ._base import AdapterBase
 
 __all__ = ["MetaGradientRecorder"]
 
 AgreementOn = Literal["deltas", "meta_gradients"]
 
 
-class MetaGradientRecorder(WrapsAggregator):
+class MetaGradientRecorder(AdapterBase):
     """Keeps each task's meta-gradient and inner-loop delta apart, then applies Algorithm 1.
 
     The base of the MAML-style adapters (learn2learn, higher), which add a ``backward``
@@ -227,10 +227,10 @@ class MetaGradientRecorder(WrapsAggregator):
                 "step() found no recorded task: call backward(loss, learner) once per task "
                 "of the meta-batch first."
             )
-        measured = self.deltas if self.agreement_on == "deltas" else None
+        agreement = self.deltas if self.agreement_on == "deltas" else None
         weights = self.aggregator.step(
             self.meta_gradients,
-            agreement_vectors=measured,
+            agreement_vectors=agreement,
             accumulate=accumulate,
             reached=self._reached,
         )

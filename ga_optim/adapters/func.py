@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .._aggregator import GradientAgreementAggregator, NonFinitePolicy, Reduction
 from .._checks import TaskStack, stacked_shape_message
 from .._weightings import Weighting
-from ._wraps import WrapsAggregator
+from ._base import AdapterBase
 
 __all__ = ["FuncAgreement", "reptile_deltas", "stacked_task_vectors"]
 
@@ -92,7 +92,7 @@ def reptile_deltas(params: Mapping[str, Tensor], adapted: Stacked) -> dict[str, 
     return deltas
 
 
-class FuncAgreement(WrapsAggregator):
+class FuncAgreement(AdapterBase):
     """:class:`~ga_optim.GradientAgreementAggregator` for dicts of stacked task vectors.
 
     Args:

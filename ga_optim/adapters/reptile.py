@@ -11,12 +11,12 @@ from torch import Tensor, nn
 from .._aggregator import GradientAgreementAggregator, NonFinitePolicy, Reduction
 from .._matrix import Rows
 from .._weightings import Weighting
-from ._wraps import WrapsAggregator
+from ._base import AdapterBase
 
 __all__ = ["AgreementReptile"]
 
 
-class AgreementReptile(WrapsAggregator):
+class AgreementReptile(AdapterBase):
     r"""Batched Reptile whose outer step weights the tasks by gradient agreement.
 
     Algorithm 1, line 10, of Eshratifar, Eigen & Pedram (2018):

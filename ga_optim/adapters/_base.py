@@ -6,10 +6,10 @@ from torch import Tensor
 
 from .._aggregator import AgreementDiagnostics, GradientAgreementAggregator
 
-__all__ = ["WrapsAggregator"]
+__all__ = ["AdapterBase"]
 
 
-class WrapsAggregator:
+class AdapterBase:
     """Base of the adapters: the wrapped aggregator's last weights and diagnostics."""
 
     aggregator: GradientAgreementAggregator

@@ -123,12 +123,17 @@ class Rows:
         self.filled += 1
         return self.row(self.filled - 1)
 
-    def append_difference(self, minuend: list[Tensor], subtrahend: list[Tensor]) -> None:
+    def append_difference(
+        self, minuend: Sequence[Tensor | None], subtrahend: Sequence[Tensor | None]
+    ) -> None:
         """Write ``minuend − subtrahend`` (per parameter; θ − θ_i for a task) into the next
-        row: two multi-tensor operations, no temporary."""
+        row: two multi-tensor operations, no temporary. ``None`` counts as zeros (a
+        parameter the inner loop did not adapt: zeros in both)."""
         row = self.append()
-        torch._foreach_copy_(row, minuend)
-        torch._foreach_sub_(row, subtrahend)
+        copy_into(row, minuend)
+        pairs = [(part, s) for part, s in zip(row, subtrahend) if s is not None]
+        if pairs:
+            torch._foreach_sub_([part for part, _ in pairs], [s for _, s in pairs])
 
     def matrix(self, n: int | None = None) -> Tensor:
         """The first ``n`` rows (default: those appended) as ``[n, P]``."""

@@ -460,8 +460,8 @@ class GeometricMedian(Weighting):
         # and two tasks, whichever is the origin, are 0 and D, with the midpoint at D/2
         # exactly (½ each, at any scale and in either order).
         g = g / scale
-        squares = g.diagonal()
-        apart = (squares[:, None] + squares[None, :] - 2 * g).clamp(min=0).sqrt()
+        own = g.diagonal()  # ‖g_i‖², for the distances ‖g_i − g_j‖ that pick the medoid
+        apart = (own[:, None] + own[None, :] - 2 * g).clamp(min=0).sqrt()
         shift = torch.eye(n, dtype=torch.float64)
         shift[:, int(apart.sum(1).argmin())] -= 1.0  # row i: g_i − g_medoid
         g = shift @ g @ shift.T

@@ -79,11 +79,9 @@ class MetaGradientRecorder(AdapterBase):
             process_group=process_group,
         )
         self.agreement_on = agreement_on
-        index = {id(p): k for k, p in enumerate(self.params)}
-        # Where each adapted parameter's delta goes in a row (None: not an outer parameter).
-        self._slots = [index.get(id(p)) for p in self._module_params]
-        self._unadapted = sorted(set(range(len(self.params))) - set(self._slots) - {None})
-        self._same_order = self._slots == list(range(len(self.params)))
+        adapted_at = {id(p): j for j, p in enumerate(self._module_params)}
+        # For each outer parameter, its place among the adapted ones (None: not adapted).
+        self._sources = [adapted_at.get(id(p)) for p in self.params]
         # With no optimizer and no params, a loss may reach a parameter the loop steps
         # that the adapter does not know: looked for once, at the first task.
         self._look_for_unknown = optimizer is None and params is None
@@ -165,9 +163,9 @@ class MetaGradientRecorder(AdapterBase):
         by_param = {id(p): g for p, g in zip(targets, grads)}
         result = [by_param.get(id(p)) for p in self.params]
         by_fast = {id(t): g for t, g in zip(fast, grads[len(targets) :])}
-        for slot, t in zip(self._slots, adapted):
-            if slot is not None and result[slot] is None:
-                result[slot] = by_fast.get(id(t))
+        for k, j in enumerate(self._sources):
+            if j is not None and result[k] is None:
+                result[k] = by_fast.get(id(adapted[j]))
         if all(g is None for g in result):
             raise ValueError(
                 "`loss` does not depend on the wrapped model's parameters (every gradient "
@@ -189,21 +187,11 @@ class MetaGradientRecorder(AdapterBase):
         meta_gradient = self._meta_gradient(loss, adapted, fallback)
         with torch.no_grad():
             copy_into(self._gradients.append(), meta_gradient)
-            if self._same_order:
-                self._deltas.append_difference(self.params, adapted)
-            else:
-                row = self._deltas.append()
-                pairs = [
-                    (row[k], self.params[k], a)
-                    for k, a in zip(self._slots, adapted)
-                    if k is not None
-                ]
-                if self._unadapted:
-                    torch._foreach_zero_([row[k] for k in self._unadapted])
-                if pairs:
-                    views = [view for view, _, _ in pairs]
-                    torch._foreach_copy_(views, [slow for _, slow, _ in pairs])
-                    torch._foreach_sub_(views, [fast for _, _, fast in pairs])
+            # θ − θ_i for the adapted parameters, zeros for the others.
+            self._deltas.append_difference(
+                [None if j is None else p for p, j in zip(self.params, self._sources)],
+                [None if j is None else adapted[j] for j in self._sources],
+            )
         for k, g in enumerate(meta_gradient):
             self._reached[k] = self._reached[k] or g is not None
 
